@@ -1,0 +1,35 @@
+"""itergrad: differentiate iterative algorithms in JAX.
+
+See Bolte, Pauwels, Vaiter, *One-step differentiation of iterative algorithms*
+(NeurIPS 2023). The public surface is re-exported here; every other module is
+private.
+"""
+
+from . import problems as problems
+from ._estimators import (
+    AbstractEstimator as AbstractEstimator,
+    OneStep as OneStep,
+    Truncated as Truncated,
+    Unroll as Unroll,
+)
+from ._implicit import Implicit as Implicit
+from ._iterate import iterate as iterate, solve as solve
+from ._neumann import Neumann as Neumann
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from .solvers import *  # noqa: F403  (each solver module's public names)
+from .solvers import __all__ as _solver_names
+
+__all__ = [
+    "AbstractEstimator",
+    "Implicit",
+    "Neumann",
+    "OneStep",
+    "RESULTS",
+    "Solution",
+    "Truncated",
+    "Unroll",
+    "iterate",
+    "problems",
+    "solve",
+    *_solver_names,
+]

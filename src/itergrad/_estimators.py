@@ -1,0 +1,200 @@
+"""Derivative estimators built from `stop_gradient` alone: unrolling, one-step
+and truncated differentiation. (Implicit differentiation lives in
+`_implicit.py`, the only module with a custom derivative rule.)"""
+
+import abc
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from ._loop import LoopOutput, LoopSettings, history_entry, run_loop
+from ._tree import tree_where
+from .solvers._base import AbstractSolver
+
+
+def _stop(tree: PyTree[Any]) -> PyTree[Any]:
+    return jax.lax.stop_gradient(tree)
+
+
+def attach_derivative(primal: PyTree[Any], live: PyTree[Any]) -> PyTree[Any]:
+    """Return `primal`'s values carrying `live`'s derivative.
+
+    Computed as `stop_gradient(primal) + (live - stop_gradient(live))`: the
+    bracket is exactly zero in floating point, so the value is bit-for-bit the
+    forward loop's iterate while every derivative (of any order) is `live`'s.
+    """
+    p_dyn, p_static = eqx.partition(primal, eqx.is_inexact_array)
+    l_dyn, _ = eqx.partition(live, eqx.is_inexact_array)
+    out = jax.tree_util.tree_map(
+        lambda p, lv: _stop(p) + (lv - _stop(lv)), p_dyn, l_dyn
+    )
+    return eqx.combine(out, p_static)
+
+
+def replay_last_steps(
+    K: int,
+    solver: AbstractSolver,
+    state0: PyTree[Any],
+    theta: PyTree[Any],
+    settings: LoopSettings,
+    differentiated: Any = None,
+) -> tuple[PyTree[Any], LoopOutput]:
+    """Run the loop without gradients, then replay its last steps with gradients
+    live from the stored state $x_{k-K}$.
+
+    `differentiated` (at most `K`, default `K`) may be a traced integer: the
+    number of live steps is `min(differentiated, k)`; when $k$ is smaller than
+    that, the replay starts from `state0`, so `x0`'s dependence on `theta` is
+    kept, as in `Unroll`.
+    """
+    out = run_loop(solver, _stop(state0), _stop(theta), settings, keep=K)
+    steps = out.steps
+    live_steps = jnp.minimum(steps, K if differentiated is None else differentiated)
+    start = tree_where(
+        steps > live_steps,
+        history_entry(out.history, steps, live_steps, K),
+        state0,
+    )
+
+    def replay(i, state):
+        # Masked so that exactly `live_steps` steps are differentiated; masked
+        # iterations leave the state (and its derivative) untouched.
+        stepped = solver.step(state, theta)
+        return tree_where(i >= K - live_steps, stepped, state)
+
+    live = jax.lax.fori_loop(0, K, replay, start)
+    return attach_derivative(out.state, live), out
+
+
+class AbstractEstimator(eqx.Module):
+    """A way to differentiate the output of an iterative solver.
+
+    An estimator turns "run the loop" into a state whose derivative with respect
+    to `theta` is the estimator's; the primal value is always the forward
+    loop's last iterate.
+    """
+
+    @abc.abstractmethod
+    def run(
+        self,
+        solver: AbstractSolver,
+        state0: PyTree[Any],
+        theta: PyTree[Any],
+        settings: LoopSettings,
+    ) -> tuple[PyTree[Any], LoopOutput]:
+        """Return `(differentiable final state, forward loop output)`."""
+
+
+class Unroll(AbstractEstimator):
+    """Automatic differentiation through every step (Algorithm 1).
+
+    The derivative is the piggyback recursion (eq. 2),
+    $J_\\theta x_{i+1} = J_x F(x_i, \\theta) J_\\theta x_i + J_\\theta F(x_i, \\theta)$,
+    accumulated over all $k$ steps, including the dependence of $x_0$ on
+    $\\theta$.
+
+    **Arguments:**
+
+    - `mode`: `"reverse"` (default) differentiates with reverse mode (`grad`,
+      `jacrev`, `vjp`) through a checkpointed loop: time $k\\omega C_F$, memory
+      growing with the number of stored states. `"forward"` supports forward
+      mode only (`jvp`, `jacfwd`): time $k \\omega C_F m$, memory $n + m$.
+    - `checkpoints`: with `mode="reverse"`, how many states to store (fewer:
+      less memory, more recomputation). `None` (default) stores enough to
+      never recompute more than about twice, chosen from `max_steps`.
+
+    !!! warning
+
+        Each mode supports only its own direction of AD: reverse mode through
+        `mode="forward"` (or forward mode through `mode="reverse"`) raises. The
+        estimate converges linearly to $J_\\theta \\bar x$ but lags behind the
+        iterates (the burn-in effect).
+    """
+
+    mode: Literal["reverse", "forward"] = "reverse"
+    checkpoints: int | None = None
+
+    def __check_init__(self):
+        if self.mode not in ("reverse", "forward"):
+            raise ValueError(
+                f"Unroll(mode=...) must be 'reverse' or 'forward', got {self.mode!r}."
+            )
+        if self.checkpoints is not None and self.checkpoints < 1:
+            raise ValueError("Unroll(checkpoints=...) must be a positive integer.")
+
+    def run(self, solver, state0, theta, settings):
+        if self.mode == "forward":
+            out = run_loop(solver, state0, theta, settings, kind="lax")
+        else:
+            out = run_loop(
+                solver,
+                state0,
+                theta,
+                settings,
+                kind="checkpointed",
+                checkpoints=self.checkpoints,
+            )
+        return out.state, out
+
+
+class Truncated(AbstractEstimator):
+    """Differentiate only the last `K` steps (truncated backpropagation).
+
+    The loop runs under `stop_gradient`; then the last $K$ steps are replayed
+    from $x_{k-K}$ with gradients live. The derivative is
+    $\\sum_{i=0}^{K-1} \\big(\\prod_{j<i} J_x F(x_{k-1-j})\\big) J_\\theta F(x_{k-1-i})$,
+    i.e. the one-step estimator of $F_\\theta^K$, whose contraction factor is
+    $\\rho^K$ (Corollary 1 with $\\rho^K$). When $k < K$ every step is
+    differentiated, including $x_0$'s dependence on $\\theta$, as `Unroll`.
+
+    Cost: $K \\omega C_F$ time and $K n$ memory for the stored states; every AD
+    mode works (plain `stop_gradient` program, no custom rule).
+
+    **Arguments:**
+
+    - `K`: the number of differentiated steps, a positive integer.
+
+    !!! warning
+
+        Biased when the iteration contracts slowly: by about
+        $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). `itergrad.diagnose`
+        estimates $\\rho$ and recommends $K$.
+    """
+
+    K: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
+            raise ValueError(
+                f"Truncated(K) needs a positive integer K, got {self.K!r}."
+            )
+
+    def run(self, solver, state0, theta, settings):
+        return replay_last_steps(self.K, solver, state0, theta, settings)
+
+
+class OneStep(AbstractEstimator):
+    """One-step differentiation (Algorithm 3), a.k.a. Jacobian-free backprop.
+
+    The loop runs under `stop_gradient` and only the last step is
+    differentiated: $J^{OS} x_k(\\theta) = J_\\theta F(x_{k-1}, \\theta)$ (eq. 4).
+    Cost: one extra differentiated step, $\\omega C_F$; memory $n$; every AD
+    mode, `vmap` and `jit` work (no custom rule). Equal to `Truncated(1)`.
+
+    !!! warning
+
+        For a linearly convergent iteration with contraction factor $\\rho$ the
+        estimate is biased: $\\|J^{OS} - J_\\theta \\bar x\\| \\le \\rho L_F/(1-\\rho)
+        + L_J \\|x_{k-1} - \\bar x\\|$ (Corollary 1). It is accurate for fast
+        algorithms (Newton, interior point: $\\le L_J \\|x_{k-1} - \\bar x\\|$,
+        Corollary 3), not for slow ones such as gradient descent on an
+        ill-conditioned problem: use `Truncated(K)` or `Implicit` there.
+        Higher derivatives (e.g. a Hessian) are those of the estimator
+        $\\theta \\mapsto F(x_{k-1}, \\theta)$, not of $\\bar x(\\theta)$.
+    """
+
+    def run(self, solver, state0, theta, settings):
+        return replay_last_steps(1, solver, state0, theta, settings)

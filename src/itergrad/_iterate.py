@@ -1,0 +1,149 @@
+"""Entry points: `iterate` for a plain step map, `solve` for a solver."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from ._estimators import AbstractEstimator, OneStep
+from ._loop import LoopSettings
+from ._solution import RESULTS, Solution
+from .solvers._base import AbstractSolver, FixedPointIteration
+
+
+def _check_settings(estimator, max_steps, rtol, atol):
+    if not isinstance(estimator, AbstractEstimator):
+        raise TypeError(
+            "`estimator` must be an itergrad estimator (ig.OneStep(), "
+            "ig.Truncated(K), ig.Implicit(), ig.Unroll()), got "
+            f"{type(estimator).__name__}."
+        )
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}.")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(tol, int | float) or not tol >= 0:
+            raise ValueError(f"`{name}` must be a non-negative number, got {tol!r}.")
+
+
+def _check_structure(old, new, what):
+    old_struct = jax.eval_shape(lambda: old)
+    if jtu.tree_structure(old_struct) != jtu.tree_structure(new) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jtu.tree_leaves(old_struct), jtu.tree_leaves(new))
+    ):
+        raise ValueError(
+            f"{what} must return a pytree of the same structure, shapes and "
+            f"dtypes as its input.\n  input:  {old_struct}\n  output: {new}"
+        )
+
+
+def solve(
+    solver: AbstractSolver,
+    x0: PyTree[Array] | None,
+    theta: PyTree[Any],
+    *,
+    estimator: AbstractEstimator = OneStep(),
+    max_steps: int = 100,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    throw: bool = True,
+) -> Solution:
+    """Run `solver` from `x0` and return its last iterate, differentiable in
+    `theta` according to `estimator`.
+
+    The forward pass is the same for every estimator: states
+    $s_{i+1} = F(s_i, \\theta)$ (`solver.step`) until
+    `solver.residual_norm <= atol + rtol * ||x_{i+1}||`, a failure, or
+    `max_steps`.
+
+    **Arguments:**
+
+    - `solver`: an `AbstractSolver` (e.g. `ig.Newton(objective)`).
+    - `x0`: the initial iterate (a pytree), or `None` for solvers that
+      initialise themselves (`ig.InteriorPointQP`).
+    - `theta`: the parameters, any pytree; derivatives are taken with respect
+      to its floating-point leaves.
+    - `estimator`: `OneStep()` (default), `Truncated(K)`, `Implicit(...)` or
+      `Unroll(...)`.
+    - `max_steps`: a positive integer bound on the number of steps.
+    - `rtol`, `atol`: the stopping tolerances.
+    - `throw`: raise an `equinox.EquinoxRuntimeError` with an explanation when
+      the result is not `RESULTS.successful` (default). With `False`, check
+      `Solution.result` yourself.
+
+    **Returns:** a `Solution`.
+    """
+    _check_settings(estimator, max_steps, rtol, atol)
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"`solver` must be an itergrad solver, got {type(solver).__name__}; "
+            "for a plain step map use `itergrad.iterate(F, x0, theta)`."
+        )
+    state0 = solver.init(x0, theta)
+    new_state = eqx.filter_eval_shape(solver.step, state0, theta)
+    _check_structure(state0, new_state, f"{type(solver).__name__}.step")
+    settings = LoopSettings(max_steps=max_steps, rtol=float(rtol), atol=float(atol))
+    state, out = estimator.run(solver, state0, theta, settings)
+    result = out.result
+    if throw:
+        state = result.error_if(state, result != RESULTS.successful)
+    return Solution(
+        value=solver.value(state),
+        steps=out.steps,
+        residual=out.residual,
+        result=result,
+        state=state,
+        stats={"max_steps": max_steps},
+    )
+
+
+def iterate(
+    F: Callable[[PyTree[Array], PyTree[Any]], PyTree[Array]],
+    x0: PyTree[Array],
+    theta: PyTree[Any],
+    *,
+    estimator: AbstractEstimator = OneStep(),
+    max_steps: int = 100,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    throw: bool = True,
+) -> Solution:
+    """Iterate a step map $x_{i+1} = F(x_i, \\theta)$ from `x0` and return
+    $x_k(\\theta)$ with the derivative of `estimator`.
+
+    Stops when $\\|x_{k} - x_{k-1}\\| \\le$ `atol + rtol` $\\|x_k\\|$, on a
+    non-finite iterate, or after `max_steps` steps. `F(x, theta)` must return
+    a pytree with the structure, shapes and dtypes of `x`. Other arguments as
+    in `itergrad.solve`.
+
+    **Example:**
+
+    ```python
+    F = lambda x, theta: 0.5 * x + theta
+    sol = ig.iterate(F, jnp.zeros(3), jnp.ones(3), estimator=ig.Implicit())
+    jax.jacobian(lambda t: ig.iterate(F, jnp.zeros(3), t).value)(jnp.ones(3))
+    ```
+    """
+    if not callable(F):
+        raise TypeError(f"`F` must be callable as F(x, theta), got {type(F).__name__}.")
+    x0 = jtu.tree_map(jnp.asarray, x0)
+    if not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jtu.tree_leaves(x0)):
+        raise TypeError(
+            "`x0` must have floating-point leaves (got "
+            f"{[str(jnp.result_type(x)) for x in jtu.tree_leaves(x0)]}); "
+            "pass e.g. jnp.zeros(n) rather than integers."
+        )
+    return solve(
+        FixedPointIteration(F),
+        x0,
+        theta,
+        estimator=estimator,
+        max_steps=max_steps,
+        rtol=rtol,
+        atol=atol,
+        throw=throw,
+    )

@@ -1,0 +1,136 @@
+"""The forward loop shared by every estimator.
+
+One `while_loop` over solver states: every estimator sees the same iterates and
+the same number of steps; they differ only in how (and whether) gradients flow
+through it.
+"""
+
+from typing import Any, Literal
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PyTree, Real
+
+from ._solution import RESULTS
+from ._tree import tree_norm
+from .solvers._base import AbstractSolver, tree_isfinite
+
+
+class LoopOutput(eqx.Module):
+    """The forward loop's result.
+
+    `history` holds the last `keep` states *before* the final one, in a ring
+    buffer indexed by step number modulo `keep` (the state entering step `i` is
+    stored at `i % keep`); `None` when `keep == 0`.
+    """
+
+    state: PyTree[Any]
+    history: PyTree[Any] | None
+    steps: Int[Array, ""]
+    residual: Real[Array, ""]
+    result: RESULTS
+
+
+class LoopSettings(eqx.Module):
+    """The loop's stopping rule: at most `max_steps` steps; stop once
+    `solver.residual_norm <= atol + rtol * ||x_{k+1}||`."""
+
+    max_steps: int = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+
+
+def history_entry(
+    history: PyTree[Any], steps: Int[Array, ""], back: Int[Array, ""], keep: int
+) -> PyTree[Any]:
+    """The state $s_{k-b}$, `b = back`, from a ring buffer of size `keep`
+    (valid when `1 <= back <= min(steps, keep)`)."""
+    index = (steps - back) % keep
+    return jtu.tree_map(lambda buf: buf[index], history)
+
+
+def run_loop(
+    solver: AbstractSolver,
+    state0: PyTree[Any],
+    theta: PyTree[Any],
+    settings: LoopSettings,
+    *,
+    keep: int = 0,
+    kind: Literal["lax", "checkpointed"] = "lax",
+    checkpoints: int | None = None,
+) -> LoopOutput:
+    """Iterate `solver.step` from `state0` until convergence, failure or
+    `settings.max_steps`.
+
+    `kind="lax"` is a plain `lax.while_loop` (forward-mode differentiable);
+    `kind="checkpointed"` is reverse-mode differentiable with `checkpoints`
+    stored states (`None`: chosen from `max_steps`).
+    """
+    inputs_finite = tree_isfinite(state0) & tree_isfinite(theta)
+    if keep > 0:
+        history = jtu.tree_map(
+            lambda leaf: jnp.zeros((keep,) + jnp.shape(leaf), jnp.result_type(leaf)),
+            state0,
+        )
+    else:
+        history = None
+    dtype = jnp.result_type(*[x for x in jtu.tree_leaves(solver.value(state0))])
+    init = (
+        state0,
+        history,
+        jnp.array(0),
+        jnp.array(jnp.inf, dtype=dtype),
+        # The loop starts "failed" on non-finite inputs so that it never runs.
+        RESULTS.where(inputs_finite, RESULTS.max_steps_reached, RESULTS.nonfinite),
+        ~inputs_finite,
+    )
+
+    def cond_fun(carry):
+        *_, steps, _, _, done = carry
+        return (~done) & (steps < settings.max_steps)
+
+    def body_fun(carry):
+        state, history, steps, _, _, _ = carry
+        if keep > 0:
+            slot = steps % keep
+            history = jtu.tree_map(
+                lambda buf, leaf: buf.at[slot].set(leaf), history, state
+            )
+        new_state = solver.step(state, theta)
+        residual = jnp.asarray(
+            solver.residual_norm(state, new_state, theta), dtype=dtype
+        )
+        scale = tree_norm(solver.value(new_state))
+        converged = residual <= settings.atol + settings.rtol * scale
+        finite = tree_isfinite(new_state) & jnp.isfinite(residual)
+        status = solver.status(new_state)
+        result = RESULTS.where(
+            finite,
+            RESULTS.where(
+                status == RESULTS.successful,
+                RESULTS.where(
+                    converged, RESULTS.successful, RESULTS.max_steps_reached
+                ),
+                status,
+            ),
+            RESULTS.nonfinite,
+        )
+        done = converged | (~finite) | (status != RESULTS.successful)
+        return new_state, history, steps + 1, residual, result, done
+
+    if kind == "lax":
+        final = jax.lax.while_loop(cond_fun, body_fun, init)
+    else:
+        final = eqxi.while_loop(
+            cond_fun,
+            body_fun,
+            init,
+            max_steps=settings.max_steps,
+            kind="checkpointed",
+            checkpoints=checkpoints,
+        )
+    state, history, steps, residual, result, _ = final
+    return LoopOutput(state, history, steps, residual, result)
