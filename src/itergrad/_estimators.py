@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from ._loop import LoopOutput, LoopSettings, history_entry, run_loop
+from ._spectral import auto_truncation, solver_contraction
 from ._tree import tree_where
 from .solvers._base import AbstractSolver
 
@@ -48,9 +49,13 @@ def replay_last_steps(
     `differentiated` (at most `K`, default `K`) may be a traced integer: the
     number of live steps is `min(differentiated, k)`; when $k$ is smaller than
     that, the replay starts from `state0`, so `x0`'s dependence on `theta` is
-    kept, as in `Unroll`.
+    kept, as in `Unroll`. It may also be a callable `LoopOutput -> integer`,
+    called on the forward loop's output (used by `Truncated("auto")`, whose
+    number of steps depends on the final iterate).
     """
     out = run_loop(solver, _stop(state0), _stop(theta), settings, keep=K)
+    if callable(differentiated):
+        differentiated = differentiated(out)
     steps = out.steps
     live_steps = jnp.minimum(steps, K if differentiated is None else differentiated)
     start = tree_where(
@@ -153,27 +158,97 @@ class Truncated(AbstractEstimator):
     Cost: $K \\omega C_F$ time and $K n$ memory for the stored states; every AD
     mode works (plain `stop_gradient` program, no custom rule).
 
+    **Automatic K.** `Truncated("auto", target=1e-4, max_K=50)` estimates
+    $\\rho = \\|J_x F(x_k, \\theta)\\|_{op}$ at the final iterate by
+    `power_iterations` steps of matrix-free power iteration (one JVP and one
+    VJP of $F$ each, inside the same jitted computation) and differentiates
+    the smallest number of steps
+    $K = \\lceil \\log(t / (1 + t)) / \\log \\rho \\rceil$, $t$ = `target`,
+    for which the relative truncation bias bound
+    $\\rho^K / (1 - \\rho^K) \\le t$, clipped to $[1, K_{max}]$. (At the fixed
+    point the truncation error is exactly $J_x F^K \\, J_\\theta \\bar x$, so the
+    relative error is at most $\\rho^K$; the criterion keeps a
+    $1/(1-\\rho^K)$ margin, as Corollary 1 does.) The `max_K` last states are
+    always stored (a static ring buffer) and `max_K` masked steps are
+    replayed, so time and memory are those of `Truncated(max_K)`.
+
     **Arguments:**
 
-    - `K`: the number of differentiated steps, a positive integer.
+    - `K`: the number of differentiated steps, a positive integer, or
+      `"auto"`.
+    - `target`: (`"auto"` only) the relative bias to reach; default `1e-4`.
+    - `max_K`: (`"auto"` only) the largest $K$, a static positive integer;
+      default `50`.
+    - `power_iterations`: (`"auto"` only) power-iteration steps for $\\rho$;
+      default `20`.
 
     !!! warning
 
         Biased when the iteration contracts slowly: by about
         $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). `itergrad.diagnose`
-        estimates $\\rho$ and recommends $K$.
+        estimates $\\rho$ and recommends $K$. With `"auto"`, power iteration
+        under-estimates $\\rho$ when the top singular values of $J_x F$ are
+        clustered (and $\\rho$ is local to $x_k$), so $K$ may come out a little
+        small; when $\\rho$ is close to 1, $K$ is capped at `max_K` and the
+        target is then not met.
     """
 
-    K: int = eqx.field(static=True)
+    K: int | Literal["auto"] = eqx.field(static=True)
+    target: float | None = eqx.field(static=True, default=None)
+    max_K: int | None = eqx.field(static=True, default=None)
+    power_iterations: int = eqx.field(static=True, default=20)
 
     def __check_init__(self):
+        if self.K == "auto":
+            target = 1e-4 if self.target is None else self.target
+            max_K = 50 if self.max_K is None else self.max_K
+            if isinstance(target, bool) or not isinstance(target, int | float) or not (
+                0 < target
+            ):
+                raise ValueError(
+                    "Truncated('auto', target=...) needs a positive relative bias "
+                    f"target such as 1e-4, got {self.target!r}."
+                )
+            if not isinstance(max_K, int) or isinstance(max_K, bool) or max_K < 1:
+                raise ValueError(
+                    "Truncated('auto', max_K=...) needs a positive integer (the "
+                    f"ring-buffer size), got {self.max_K!r}."
+                )
+            if (
+                not isinstance(self.power_iterations, int)
+                or isinstance(self.power_iterations, bool)
+                or self.power_iterations < 1
+            ):
+                raise ValueError(
+                    "Truncated('auto', power_iterations=...) needs a positive "
+                    f"integer, got {self.power_iterations!r}."
+                )
+            return
         if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
             raise ValueError(
-                f"Truncated(K) needs a positive integer K, got {self.K!r}."
+                f"Truncated(K) needs a positive integer K or 'auto', got {self.K!r}."
+            )
+        if self.target is not None or self.max_K is not None:
+            raise ValueError(
+                "Truncated(K, target=..., max_K=...): `target` and `max_K` only "
+                f"apply to Truncated('auto'); with a fixed K={self.K} drop them."
             )
 
     def run(self, solver, state0, theta, settings):
-        return replay_last_steps(self.K, solver, state0, theta, settings)
+        if self.K != "auto":
+            return replay_last_steps(self.K, solver, state0, theta, settings)
+        target = 1e-4 if self.target is None else float(self.target)
+        max_K = 50 if self.max_K is None else self.max_K
+
+        def choose_K(out):
+            rho = solver_contraction(
+                solver, _stop(out.state), _stop(theta), self.power_iterations
+            )
+            return auto_truncation(rho, target, max_K)
+
+        return replay_last_steps(
+            max_K, solver, state0, theta, settings, differentiated=choose_K
+        )
 
 
 class OneStep(AbstractEstimator):

@@ -1,0 +1,332 @@
+"""Newton's method with a line search (Example 3), the Newton system solved
+through Lineax (dense factorisation or matrix-free Krylov)."""
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Bool, Float, PyTree, Scalar
+
+from .._solution import RESULTS
+from ._base import AbstractSolver
+from ._gradient import check_iterate
+
+# Lineax solvers that only need operator-vector products: with these, Newton
+# never materialises the Hessian and uses Hessian-vector products instead.
+_MATRIX_FREE = (lx.CG, lx.GMRES, lx.BiCGStab, lx.LSMR)
+_HESSIAN_TAGS = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+
+
+def _roundoff(f0: Scalar) -> Scalar:
+    # A change of the objective this small is invisible in floating point. Near
+    # the solution the predicted decrease falls below it, and without this
+    # slack Armijo would reject the exact Newton step on rounding noise alone.
+    return 64 * jnp.finfo(jnp.result_type(f0)).eps * jnp.abs(f0)
+
+
+class AbstractLineSearch(eqx.Module):
+    """A line search along a descent direction $d$ from $x$: returns a step
+    $t > 0$ and whether it is acceptable.
+
+    Line searches run on values that carry no derivative (Newton stops
+    gradients before calling them): the accepted step is piecewise constant in
+    $(x, \\theta)$, so its derivative is zero almost everywhere.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        fn: Callable[[Float[Array, " n"]], Scalar],
+        x: Float[Array, " n"],
+        f0: Scalar,
+        g0: Float[Array, " n"],
+        direction: Float[Array, " n"],
+    ) -> tuple[Scalar, Bool[Array, ""]]:
+        """Search along `direction` from `x`, where `fn(x) = f0` and
+        `grad fn(x) = g0`. Returns `(t, success)`."""
+
+
+def _check_line_search(name: str, c1: float, max_steps: int) -> None:
+    if not 0 < c1 < 0.5:
+        raise ValueError(
+            f"{name}(c1=...) must lie in (0, 1/2) so that Newton's unit step is "
+            f"accepted near the solution, got {c1}."
+        )
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"{name}(max_steps=...) must be a positive integer, got {max_steps!r}.")
+
+
+class Backtracking(AbstractLineSearch):
+    """Backtracking line search with the Armijo (sufficient decrease) condition.
+
+    Tries $t = 1, \\tau, \\tau^2, \\dots$ and accepts the first $t$ with
+    $f(x + t d) \\le f(x) + c_1 t \\langle \\nabla f(x), d \\rangle$ (up to a
+    few ulps of $|f(x)|$, so that steps whose decrease is below rounding are
+    accepted). Fails on a non-descent direction or after `max_steps` tries.
+
+    **Arguments:**
+
+    - `c1`: the sufficient-decrease constant, in $(0, 1/2)$ (default `1e-4`);
+      below $1/2$ the unit Newton step is accepted near the solution.
+    - `decrease`: the factor $\\tau \\in (0, 1)$ (default `0.5`).
+    - `max_steps`: the number of reductions before failing (default `40`).
+    """
+
+    c1: float = 1e-4
+    decrease: float = 0.5
+    max_steps: int = eqx.field(static=True, default=40)
+
+    def __check_init__(self):
+        _check_line_search("Backtracking", self.c1, self.max_steps)
+        if not 0 < self.decrease < 1:
+            raise ValueError(
+                f"Backtracking(decrease=...) must lie in (0, 1), got {self.decrease}."
+            )
+
+    def __call__(self, fn, x, f0, g0, direction):
+        slope = jnp.vdot(g0, direction)
+        slack = _roundoff(f0)
+        one = jnp.ones((), jnp.result_type(x))
+
+        def armijo(t, f):
+            return jnp.isfinite(f) & (f <= f0 + self.c1 * t * slope + slack)
+
+        def cond_fun(carry):
+            t, f, i = carry
+            return (~armijo(t, f)) & (i < self.max_steps)
+
+        def body_fun(carry):
+            t, _, i = carry
+            t = t * self.decrease
+            return t, fn(x + t * direction), i + 1
+
+        t, f, _ = jax.lax.while_loop(
+            cond_fun, body_fun, (one, fn(x + direction), jnp.array(0))
+        )
+        descent = jnp.isfinite(slope) & (slope <= slack)
+        return t, descent & armijo(t, f)
+
+
+class Wolfe(AbstractLineSearch):
+    """A line search for the (strong or weak) Wolfe conditions, by bracketing
+    and bisection.
+
+    Accepts $t$ satisfying sufficient decrease,
+    $f(x + t d) \\le f(x) + c_1 t \\langle \\nabla f(x), d\\rangle$, and the
+    curvature condition: strong
+    $|\\langle \\nabla f(x + t d), d\\rangle| \\le c_2 |\\langle \\nabla f(x), d\\rangle|$,
+    or weak $\\langle \\nabla f(x + t d), d\\rangle \\ge c_2 \\langle \\nabla f(x), d\\rangle$.
+    Starts at $t = 1$; doubles $t$ until the minimiser is bracketed, then
+    bisects. When the predicted decrease $|\\langle \\nabla f(x), d\\rangle|$ is
+    below rounding of $f$ the unit step is accepted at once.
+
+    **Arguments:**
+
+    - `c1`: sufficient-decrease constant in $(0, 1/2)$ (default `1e-4`).
+    - `c2`: curvature constant in $(c_1, 1)$ (default `0.9`, the usual value
+      for Newton).
+    - `strong`: strong (default) or weak Wolfe curvature condition.
+    - `max_steps`: the number of trial steps after the first (default `40`).
+
+    Each trial costs one objective value and gradient, where `Backtracking`
+    needs only the value.
+    """
+
+    c1: float = 1e-4
+    c2: float = 0.9
+    strong: bool = eqx.field(static=True, default=True)
+    max_steps: int = eqx.field(static=True, default=40)
+
+    def __check_init__(self):
+        _check_line_search("Wolfe", self.c1, self.max_steps)
+        if not self.c1 < self.c2 < 1:
+            raise ValueError(f"Wolfe(c2=...) must lie in (c1, 1), got c2={self.c2}.")
+
+    def __call__(self, fn, x, f0, g0, direction):
+        value_and_grad = jax.value_and_grad(fn)
+        slope = jnp.vdot(g0, direction)
+        slack = _roundoff(f0)
+        negligible = jnp.abs(slope) <= slack
+        dtype = jnp.result_type(x)
+
+        def evaluate(t):
+            f, g = value_and_grad(x + t * direction)
+            return f, jnp.vdot(g, direction)
+
+        def decrease(t, f):
+            return jnp.isfinite(f) & (f <= f0 + self.c1 * t * slope + slack)
+
+        def curvature(s):
+            if self.strong:
+                return jnp.abs(s) <= self.c2 * jnp.abs(slope)
+            return s >= self.c2 * slope
+
+        def accepted(t, f, s):
+            return negligible | (decrease(t, f) & curvature(s))
+
+        def cond_fun(carry):
+            t, _, _, f, s, i = carry
+            return (~accepted(t, f, s)) & (i < self.max_steps)
+
+        def body_fun(carry):
+            t, lo, hi, f, s, i = carry
+            # Too long: no sufficient decrease, or (strong) past the minimiser.
+            too_long = ~decrease(t, f) | (self.strong & (s > 0))
+            hi = jnp.where(too_long, t, hi)
+            lo = jnp.where(too_long, lo, t)
+            t = jnp.where(jnp.isfinite(hi), (lo + hi) / 2, 2 * t)
+            f, s = evaluate(t)
+            return t, lo, hi, f, s, i + 1
+
+        one = jnp.ones((), dtype)
+        f1, s1 = evaluate(one)
+        init = (one, jnp.zeros((), dtype), jnp.full((), jnp.inf, dtype), f1, s1, jnp.array(0))
+        t, _, _, f, s, _ = jax.lax.while_loop(cond_fun, body_fun, init)
+        descent = jnp.isfinite(slope) & (slope <= slack)
+        return t, descent & accepted(t, f, s)
+
+
+class _NewtonState(eqx.Module):
+    x: PyTree[Array]
+    result: RESULTS
+
+
+def _freeze(tree: PyTree[Any]) -> PyTree[Any]:
+    return jtu.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, tree
+    )
+
+
+class Newton(AbstractSolver):
+    """Newton's method with a line search (Example 3):
+    $x_{k+1} = x_k - t_k \\nabla^2_{xx} f(x_k, \\theta)^{-1} \\nabla_x f(x_k, \\theta)$.
+
+    The Newton system is solved by Lineax: by default a Cholesky factorisation
+    of the dense Hessian (`jax.jacfwd` of the gradient); with a Krylov solver
+    (`lx.CG(rtol, atol, max_steps)`, `lx.GMRES`, ...) the Hessian is never
+    formed and each Krylov iteration costs one Hessian-vector product
+    (inexact Newton). The step $t_k$ comes from `linesearch` and carries no
+    derivative; near the solution $t_k = 1$, so the one-step estimator
+    differentiates the exact Newton map and is quadratically accurate
+    (Corollary 3). `optimality` is $\\nabla_x f$, in the state's structure.
+
+    The state holds $x$ and a `RESULTS` code; `status` reports
+    `RESULTS.linesearch_failed` when no acceptable step was found (or the
+    direction was not a descent direction, e.g. an indefinite Hessian) and
+    `RESULTS.linear_solve_failed` when the Newton system could not be solved.
+    After a failure the iterate is left unchanged.
+
+    **Arguments:**
+
+    - `objective`: `objective(x, theta) -> scalar`, twice differentiable in
+      `x` (three times for derivatives of the one-step estimator), $x$ any
+      pytree of floating-point arrays.
+    - `linesearch`: `Backtracking()` (default, Armijo) or `Wolfe()`.
+    - `linear_solver`: a Lineax solver for the Newton system. Default
+      `lx.Cholesky()` (the Hessian is tagged symmetric positive semidefinite);
+      `lx.LU()` for indefinite Hessians; `lx.CG(rtol=..., atol=...,
+      max_steps=...)` for matrix-free inexact Newton. A Krylov solver that
+      stops at its `max_steps` still yields a usable (descent) direction.
+
+    !!! warning
+
+        The objective must be strictly convex near the solution: at a point
+        with an indefinite Hessian Cholesky fails and the line search reports
+        `RESULTS.linesearch_failed`. Derivatives of the one-step estimator
+        differentiate through the Hessian (third derivatives of `objective`):
+        about the cost of forming the Hessian once more.
+    """
+
+    superlinear = True
+
+    objective: Callable[[PyTree[Array], PyTree[Any]], Scalar]
+    linesearch: AbstractLineSearch = Backtracking()
+    linear_solver: lx.AbstractLinearSolver = lx.Cholesky()
+
+    def __check_init__(self):
+        if not callable(self.objective):
+            raise TypeError(
+                "Newton(objective, ...) needs a callable objective(x, theta) -> "
+                f"scalar, got {type(self.objective).__name__}."
+            )
+        if not isinstance(self.linesearch, AbstractLineSearch):
+            raise TypeError(
+                "Newton(linesearch=...) must be an itergrad line search "
+                f"(ig.Backtracking(), ig.Wolfe()), got {self.linesearch!r}."
+            )
+        if not isinstance(self.linear_solver, lx.AbstractLinearSolver):
+            raise TypeError(
+                "Newton(linear_solver=...) must be a Lineax solver (lx.Cholesky(), "
+                f"lx.LU(), lx.CG(rtol, atol)), got {self.linear_solver!r}."
+            )
+
+    def init(self, x0, theta):
+        return _NewtonState(x=check_iterate("Newton", x0), result=RESULTS.successful)
+
+    def step(self, state, theta):
+        flat, unravel = ravel_pytree(state.x)
+
+        def gradient(z):
+            f, g = jax.value_and_grad(lambda u: self.objective(unravel(u), theta))(z)
+            return g, f
+
+        # One pass gives value, gradient and the Hessian (or its linearisation):
+        # the primal of `jacfwd`/`linearize` is computed once, not per column.
+        if isinstance(self.linear_solver, _MATRIX_FREE):
+            g, hvp, f = jax.linearize(gradient, flat, has_aux=True)
+            structure = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+            operator = lx.FunctionLinearOperator(hvp, structure, _HESSIAN_TAGS)
+            usable = (lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
+        else:
+            def gradient_aux(z):
+                g, f = gradient(z)
+                return g, (g, f)
+
+            hessian, (g, f) = jax.jacfwd(gradient_aux, has_aux=True)(flat)
+            operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
+            usable = (lx.RESULTS.successful,)
+        solution = lx.linear_solve(
+            operator, jtu.tree_map(jnp.negative, g), self.linear_solver, throw=False
+        )
+        direction = solution.value
+        solved = jnp.isfinite(direction).all() & jnp.any(
+            jnp.stack([solution.result == code for code in usable])
+        )
+
+        # The line search sees no derivatives: its step is piecewise constant,
+        # and reverse mode could not go through its while_loop anyway. The
+        # objective is closure-converted so that arrays it closes over are
+        # frozen too.
+        objective = eqx.filter_closure_convert(self.objective, state.x, theta)
+        frozen_objective, frozen_theta = _freeze((objective, theta))
+        t, found = self.linesearch(
+            lambda z: frozen_objective(unravel(z), frozen_theta),
+            *_freeze((flat, f, g, direction)),
+        )
+        accepted = solved & found
+        new_flat = jnp.where(accepted, flat + t * direction, flat)
+        result = RESULTS.where(
+            solved,
+            RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
+            RESULTS.linear_solve_failed,
+        )
+        return _NewtonState(x=unravel(new_flat), result=result)
+
+    def value(self, state):
+        return state.x
+
+    def optimality(self, state, theta):
+        grad = jax.grad(self.objective)(state.x, theta)
+        return eqx.filter(
+            eqx.tree_at(lambda s: s.x, state, grad), eqx.is_inexact_array
+        )
+
+    def status(self, state):
+        return state.result
+
