@@ -6,6 +6,13 @@ private.
 """
 
 from . import problems as problems
+from ._bilevel import (
+    History as History,
+    hypergradient_descent as hypergradient_descent,
+    hypergradient_epsilon as hypergradient_epsilon,
+    hypergradient_stepsize as hypergradient_stepsize,
+)
+from ._diagnose import DiagnoseReport as DiagnoseReport, diagnose as diagnose
 from ._estimators import (
     AbstractEstimator as AbstractEstimator,
     OneStep as OneStep,
@@ -21,6 +28,8 @@ from .solvers import __all__ as _solver_names
 
 __all__ = [
     "AbstractEstimator",
+    "DiagnoseReport",
+    "History",
     "Implicit",
     "Neumann",
     "OneStep",
@@ -28,6 +37,10 @@ __all__ = [
     "Solution",
     "Truncated",
     "Unroll",
+    "diagnose",
+    "hypergradient_descent",
+    "hypergradient_epsilon",
+    "hypergradient_stepsize",
     "iterate",
     "problems",
     "solve",

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
+from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, PyTree, Real, Scalar
 
 from ._diagnose import diagnose
@@ -35,8 +36,9 @@ class History(eqx.Module):
       of the estimated hypergradient.
     - `x`: the last inner solution $x_k(\\theta_{L-1})$.
     - `stats`: `"traces"` (how many times the outer step was traced: 1 unless
-      shapes changed), `"time"` (wall-clock seconds), `"stepsize"` (the
-      step size used, when one was given or derived).
+      shapes changed), `"time"` (wall-clock seconds, all steps),
+      `"first_step_time"` (the first step alone, compilation included) and
+      `"stepsize"` (the step size used, when one was given or derived).
     """
 
     theta: PyTree[Array]
@@ -63,7 +65,9 @@ def hypergradient_stepsize(
     **Returns:** $\\alpha$ (a Python float; `inf` if $L = 0$).
     """
     if not 0 <= rho < 1:
-        raise ValueError(f"Corollary 5 needs a contraction factor 0 <= rho < 1, got {rho}.")
+        raise ValueError(
+            f"Corollary 5 needs a contraction factor 0 <= rho < 1, got {rho}."
+        )
     a = L_F / (1 - rho)
     lipschitz = (L_J / (1 - rho) * (a + 1) * l_g + l_nabla * a) * a
     return math.inf if lipschitz == 0 else 1.0 / lipschitz
@@ -88,10 +92,14 @@ def hypergradient_epsilon(
         when $k$ is small; use it for $k \\ge 2$ and $\\rho > 0$.
     """
     if not 0 <= rho < 1:
-        raise ValueError(f"Corollary 5 needs a contraction factor 0 <= rho < 1, got {rho}.")
+        raise ValueError(
+            f"Corollary 5 needs a contraction factor 0 <= rho < 1, got {rho}."
+        )
     if k < 2:
         raise ValueError(f"Corollary 5 needs k >= 2 inner steps, got {k}.")
-    return rho / (1 - rho) * (L_F * l_g + (L_J * l_g + L_F * l_nabla) * M * rho ** (k - 2))
+    return (
+        rho / (1 - rho) * (L_F * l_g + (L_J * l_g + L_F * l_nabla) * M * rho ** (k - 2))
+    )
 
 
 def _estimate_corollary5(outer_loss, solver, theta, x0, settings, key):
@@ -100,12 +108,10 @@ def _estimate_corollary5(outer_loss, solver, theta, x0, settings, key):
     report = diagnose(solver, sol, theta, key=key)
     x = jax.lax.stop_gradient(sol.value)
     grad_g = jax.grad(lambda z: outer_loss(z, theta))
-    flat_x, unravel = jax.flatten_util.ravel_pytree(x)
+    flat_x, unravel = ravel_pytree(x)
 
     def hvp(v):
-        return jax.flatten_util.ravel_pytree(
-            jax.jvp(grad_g, (x,), (unravel(v),))[1]
-        )[0]
+        return ravel_pytree(jax.jvp(grad_g, (x,), (unravel(v),))[1])[0]
 
     l_nabla = linear_operator_norm(hvp, jr.normal(key, flat_x.shape, flat_x.dtype), 50)
     l_g = tree_norm(grad_g(x))
@@ -118,7 +124,7 @@ def hypergradient_descent(
     theta0: PyTree[Array],
     x0: PyTree[Array] | None,
     *,
-    estimator: AbstractEstimator = OneStep(),
+    estimator: AbstractEstimator = OneStep(),  # noqa: B008 (immutable module)
     optimizer: optax.GradientTransformation | None = None,
     stepsize: float | Literal["corollary5"] | None = None,
     constants: dict[str, float] | None = None,
@@ -189,9 +195,11 @@ def hypergradient_descent(
                 f"{type(solver).__name__}."
             )
         solver = FixedPointIteration(solver)
-    theta0 = jtu.tree_map(jnp.asarray, theta0)
+    # Committed (non-weak) dtypes, so that the warm start x_k(theta_l), which
+    # has them, does not retrace the outer step.
+    theta0 = jtu.tree_map(lambda a: jnp.asarray(a, jnp.result_type(a)), theta0)
     if x0 is not None:
-        x0 = jtu.tree_map(jnp.asarray, x0)
+        x0 = jtu.tree_map(lambda a: jnp.asarray(a, jnp.result_type(a)), x0)
     settings = dict(estimator=estimator, max_steps=max_steps, rtol=rtol, atol=atol)
     if optimizer is not None and stepsize is not None:
         raise ValueError(
@@ -204,14 +212,19 @@ def hypergradient_descent(
         constants = dict(constants or {})
         unknown = set(constants) - set(names)
         if unknown:
-            raise ValueError(f"Unknown `constants` keys {sorted(unknown)}; use {names}.")
+            raise ValueError(
+                f"Unknown `constants` keys {sorted(unknown)}; use {names}."
+            )
         if any(name not in constants for name in names):
             estimates = _estimate_corollary5(
-                outer_loss, solver, theta0, x0,
+                outer_loss,
+                solver,
+                theta0,
+                x0,
                 dict(max_steps=max_steps, rtol=rtol, atol=atol),
                 jr.key(0) if key is None else key,
             )
-            for name, value in zip(names, estimates):
+            for name, value in zip(names, estimates, strict=True):
                 constants.setdefault(name, value)
         used_stepsize = hypergradient_stepsize(*(constants[n] for n in names))
         optimizer = optax.sgd(used_stepsize)
@@ -251,9 +264,15 @@ def hypergradient_descent(
     x_init = x0
     thetas, losses, inner_steps, grad_norms = [theta0], [], [], []
     start = time.perf_counter()
+    first_step_time = math.nan
     with _progress_bar(progress, steps) as advance:
-        for _ in range(steps):
-            theta, opt_state, x_next, loss, k, gnorm = outer_step(theta, opt_state, x_init)
+        for step in range(steps):
+            theta, opt_state, x_next, loss, k, gnorm = outer_step(
+                theta, opt_state, x_init
+            )
+            if step == 0:
+                jax.block_until_ready(theta)
+                first_step_time = time.perf_counter() - start
             if warm_start and x0 is not None:
                 x_init = x_next
             thetas.append(theta)
@@ -269,7 +288,12 @@ def hypergradient_descent(
         steps=jnp.stack(inner_steps),
         hypergradient_norms=jnp.stack(grad_norms),
         x=x_next,
-        stats={"traces": traces[0], "time": elapsed, "stepsize": used_stepsize},
+        stats={
+            "traces": traces[0],
+            "time": elapsed,
+            "first_step_time": first_step_time,
+            "stepsize": used_stepsize,
+        },
     )
 
 

@@ -133,8 +133,7 @@ class DiagnoseReport(eqx.Module):
                 if K == 1:
                     return OneStep(), (
                         f"rho = {rho:.3g}: truncation bias bound rho L_F / "
-                        f"((1 - rho) ||J||) = {bias:.2g} <= target {target:.2g}."
-                        + note
+                        f"((1 - rho) ||J||) = {bias:.2g} <= target {target:.2g}." + note
                     )
                 return Truncated(K), (
                     f"rho = {rho:.3g}: K = {K} is the smallest K with "
@@ -181,7 +180,11 @@ class DiagnoseReport(eqx.Module):
             ("corollary1_bound", self.corollary1_bound, "rho L_F/(1-rho) + L_J dist"),
             ("corollary3_bound", self.corollary3_bound, "L_J dist (superlinear)"),
             ("onestep_bound", self.onestep_bound, "bound on ||J_OS - J||_op"),
-            ("jacobian_norm", self.jacobian_norm, "lower estimate of ||J_theta x_bar||"),
+            (
+                "jacobian_norm",
+                self.jacobian_norm,
+                "lower estimate of ||J_theta x_bar||",
+            ),
             ("disagreement", self.disagreement, "measured rel. |OS - ID| on probes"),
         ]
         for name, value, meaning in rows:
@@ -329,9 +332,13 @@ def diagnose(
             "`F_or_solver` must be a step map F(x, theta) or an itergrad solver, "
             f"got {type(F_or_solver).__name__}."
         )
-    f = flat_step(solver, jax.lax.stop_gradient(sol.state), jax.lax.stop_gradient(theta))
+    f = flat_step(
+        solver, jax.lax.stop_gradient(sol.state), jax.lax.stop_gradient(theta)
+    )
     if f.theta.size == 0:
-        raise ValueError("`theta` has no floating-point leaves: nothing to differentiate.")
+        raise ValueError(
+            "`theta` has no floating-point leaves: nothing to differentiate."
+        )
     k_rho, k_lf, k_lj, k_probe = jr.split(key, 4)
     rho = jacobian_x_norm(f, k_rho, power_iterations)
     L_F = jacobian_theta_norm(f, k_lf, power_iterations)
@@ -349,7 +356,9 @@ def diagnose(
         # at its fixed point (then distance = 0 and L_J only informs).
         random_dir = jr.normal(k_lj, f.x.shape, f.x.dtype)
         norm_delta = jnp.linalg.norm(delta)
-        u = jnp.where(norm_delta > 0, delta / jnp.where(norm_delta > 0, norm_delta, 1), random_dir)
+        u = jnp.where(
+            norm_delta > 0, delta / jnp.where(norm_delta > 0, norm_delta, 1), random_dir
+        )
         u = u / jnp.linalg.norm(u)
 
         def second_derivative(t):
@@ -364,7 +373,8 @@ def diagnose(
         L_J_value = jnp.asarray(L_J, f.x.dtype)
 
     corollary1 = jnp.where(
-        rho < 1, rho * L_F / jnp.where(rho < 1, one - rho, one) + L_J_value * distance,
+        rho < 1,
+        rho * L_F / jnp.where(rho < 1, one - rho, one) + L_J_value * distance,
         jnp.inf,
     )
     if solver.superlinear:

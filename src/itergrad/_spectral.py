@@ -39,16 +39,16 @@ class FlatStep(eqx.Module):
         return new_x.astype(x.dtype)
 
 
-def flat_step(solver: AbstractSolver, state: PyTree[Any], theta: PyTree[Any]) -> FlatStep:
+def flat_step(
+    solver: AbstractSolver, state: PyTree[Any], theta: PyTree[Any]
+) -> FlatStep:
     state_dyn, state_static = eqx.partition(state, eqx.is_inexact_array)
     theta_dyn, theta_static = eqx.partition(theta, eqx.is_inexact_array)
     x, unravel_x = ravel_pytree(state_dyn)
     t, unravel_theta = ravel_pytree(theta_dyn)
     # Estimates are taken at a point, never differentiated through.
     x, t = jax.lax.stop_gradient((x, t))
-    return FlatStep(
-        solver, x, t, unravel_x, unravel_theta, state_static, theta_static
-    )
+    return FlatStep(solver, x, t, unravel_x, unravel_theta, state_static, theta_static)
 
 
 def _safe_normalize(v: Array) -> tuple[Array, Scalar]:
@@ -79,27 +79,21 @@ def linear_operator_norm(
     return jnp.linalg.norm(matvec(v))
 
 
-def jacobian_x_norm(
-    f: FlatStep, key: Array, iterations: int
-) -> Real[Array, ""]:
+def jacobian_x_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array, ""]:
     """$\\rho \\approx \\|J_x F(x, \\theta)\\|_{op}$, matrix-free."""
     _, jvp = jax.linearize(lambda x: f(x, f.theta), f.x)
     v0 = jr.normal(key, f.x.shape, f.x.dtype)
     return linear_operator_norm(jvp, v0, iterations)
 
 
-def jacobian_theta_norm(
-    f: FlatStep, key: Array, iterations: int
-) -> Real[Array, ""]:
+def jacobian_theta_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array, ""]:
     """$L_F \\approx \\|J_\\theta F(x, \\theta)\\|_{op}$, matrix-free."""
     _, jvp = jax.linearize(lambda t: f(f.x, t), f.theta)
     v0 = jr.normal(key, f.theta.shape, f.theta.dtype)
     return linear_operator_norm(jvp, v0, iterations)
 
 
-def auto_truncation(
-    rho: Real[Array, ""], target: float, max_K: int
-) -> Int[Array, ""]:
+def auto_truncation(rho: Real[Array, ""], target: float, max_K: int) -> Int[Array, ""]:
     """The smallest $K \\ge 1$ with $\\rho^K / (1 - \\rho^K) \\le$ `target`,
     i.e. $K = \\lceil \\log(t/(1+t)) / \\log \\rho \\rceil$, clipped to
     `[1, max_K]` ($K = 1$ for $\\rho = 0$, `max_K` for $\\rho \\ge 1$)."""
