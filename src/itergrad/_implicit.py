@@ -11,7 +11,7 @@ import lineax as lx
 from jaxtyping import PyTree
 
 from ._estimators import AbstractEstimator
-from ._loop import LoopSettings, run_loop
+from ._loop import run_loop
 from ._tree import tree_sub
 from .solvers._base import AbstractSolver
 

@@ -1,0 +1,257 @@
+"""InteriorPointQP and QP: solutions, derivatives of every field, transforms,
+input validation and infeasibility reports."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import scipy.optimize
+
+import itergrad as ig
+from itergrad.problems import QP, random_qp
+
+from .helpers import central_difference_jacobian, relative_error
+
+KKT_TOL = 1e-8  # raw KKT residuals at the returned solution
+REF_TOL = 1e-8  # x and Implicit's gradient against the active-set closed form
+AGREE_TOL = 1e-8  # OneStep against Implicit (the paper claims 1e-6)
+FD_TOL = 1e-6  # central differences with eps = 1e-6 carry ~1e-9 noise / curvature
+# The library's default tolerances (1e-10 on the relative KKT error of the last
+# two iterates). Much tighter ones make the differentiated step start past the
+# float64 floor (gap ~1e-20), where one-step agreement degrades to ~3e-8.
+TOL = dict(rtol=1e-10, atol=1e-10)
+SOLVER = ig.InteriorPointQP()
+SIZES = [(20, 5, 10), (60, 15, 30)]
+
+
+def _loss(qp, estimator):
+    x = ig.solve(SOLVER, None, qp, estimator=estimator, **TOL).value
+    return 0.5 * jnp.dot(x, x)
+
+
+# Compiled once per shape and reused across tests: compilation dominates the
+# run time of this file.
+_solve = eqx.filter_jit(lambda qp: ig.solve(SOLVER, None, qp, throw=False, **TOL))
+_solve_throw = eqx.filter_jit(lambda qp: ig.solve(SOLVER, None, qp, throw=True))
+_grad = eqx.filter_jit(eqx.filter_grad(_loss))
+
+
+def _active_set_reference(qp, x):
+    """Independent reference: identify the active inequalities at `x`, solve the
+    equality-constrained KKT system [[Q, Cᵀ], [C, 0]] with C = [A; G_act] in
+    numpy, and return (x_ref, multipliers, gradient of ½‖x‖² w.r.t. every field).
+
+    The KKT conditions of a convex QP are sufficient, so x_ref is certified
+    optimal when its inactive constraints hold and its active multipliers are
+    positive (checked by the caller)."""
+    Q, q, A, b, G, h = (np.asarray(v) for v in (qp.Q, qp.q, qp.A, qp.b, qp.G, qp.h))
+    n, m = Q.shape[0], A.shape[0]
+    active = np.abs(G @ np.asarray(x) - h) < 1e-6
+    C = np.vstack([A, G[active]])
+    k = C.shape[0]
+    K = np.block([[Q, C.T], [C, np.zeros((k, k))]])
+    sol = np.linalg.solve(K, np.concatenate([-q, b, h[active]]))
+    x_ref, lam = sol[:n], sol[n:]
+    # x = [K⁻¹]ₓ (−q, b, h_act): the gradient of ½‖x‖² w.r.t. the right-hand
+    # side is w = K⁻ᵀ (x, 0), and ∂(Q_sym x)/∂Q gives −sym(w_x xᵀ).
+    w = np.linalg.solve(K.T, np.concatenate([x_ref, np.zeros(k)]))
+    wx = w[:n]
+    grad_h = np.zeros_like(h)
+    grad_h[active] = w[n + m :]
+    grads = {
+        "Q": -0.5 * (np.outer(wx, x_ref) + np.outer(x_ref, wx)),
+        "q": -wx,
+        "b": w[n : n + m],
+        "h": grad_h,
+    }
+    return x_ref, lam, active, grads
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda s: "n{}-m{}-p{}".format(*s))
+def problem(request):
+    n, m, p = request.param
+    qp = random_qp(jr.PRNGKey(n), n, m, p)
+    sol = _solve(qp)
+    return qp, sol
+
+
+def test_solution_kkt_and_reference(problem):
+    qp, sol = problem
+    assert sol.result == ig.RESULTS.successful
+    st = sol.state
+    x, s, z, y = (np.asarray(v) for v in (st.x, st.s, st.z, st.y))
+    Q, q, A, b, G, h = (np.asarray(v) for v in (qp.Q, qp.q, qp.A, qp.b, qp.G, qp.h))
+    assert np.max(np.abs(Q @ x + q + A.T @ y + G.T @ z)) < KKT_TOL
+    assert np.max(np.abs(A @ x - b)) < KKT_TOL
+    assert np.max(np.abs(G @ x + s - h)) < KKT_TOL
+    assert np.min(s) > 0 and np.min(z) > 0
+    assert np.max(s * z) < KKT_TOL
+    x_ref, lam, active, _ = _active_set_reference(qp, x)
+    m = A.shape[0]
+    assert np.all(G[~active] @ x_ref < h[~active])  # primal feasible
+    assert np.all(lam[m:] > 0)  # dual feasible: x_ref is the global solution
+    assert np.max(np.abs(x - x_ref)) < REF_TOL * (1 + np.max(np.abs(x_ref)))
+    np.testing.assert_allclose(y, lam[:m], rtol=1e-7, atol=1e-7)
+
+
+def _loss_value(qp):
+    x = _solve(qp).value
+    return 0.5 * jnp.dot(x, x)
+
+
+def test_solution_matches_scipy():
+    qp = random_qp(jr.PRNGKey(SIZES[0][0]), *SIZES[0])
+    n = SIZES[0][0]
+    Q, q, A, b, G, h = (np.asarray(v) for v in (qp.Q, qp.q, qp.A, qp.b, qp.G, qp.h))
+    ref = scipy.optimize.minimize(
+        lambda x: 0.5 * x @ Q @ x + q @ x,
+        np.zeros(n),
+        jac=lambda x: Q @ x + q,
+        method="SLSQP",
+        constraints=[
+            {"type": "eq", "fun": lambda x: A @ x - b, "jac": lambda x: A},
+            {"type": "ineq", "fun": lambda x: h - G @ x, "jac": lambda x: -G},
+        ],
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    assert ref.success
+    # SLSQP is the looser of the two: 1e-6 is its accuracy, not ours.
+    np.testing.assert_allclose(_solve(qp).value, ref.x, atol=1e-6)
+
+
+def test_gradients_all_fields(problem):
+    """OneStep ≈ Implicit ≈ active-set closed form for b, h, q, Q at once."""
+    qp, sol = problem
+    _, _, _, ref = _active_set_reference(qp, sol.value)
+    g_im = _grad(qp, ig.Implicit())
+    g_os = _grad(qp, ig.OneStep())
+    for field, g_ref in ref.items():
+        im, os_ = getattr(g_im, field), getattr(g_os, field)
+        assert relative_error(im, g_ref) < REF_TOL, field
+        assert relative_error(os_, im) < AGREE_TOL, field
+    # Fields not in the closed form: A and G, checked between estimators.
+    for field in ("A", "G"):
+        assert relative_error(getattr(g_os, field), getattr(g_im, field)) < AGREE_TOL
+
+
+def test_gradient_b_finite_differences(problem):
+    qp, _ = problem
+
+    def loss_b(b):
+        return _loss_value(eqx.tree_at(lambda t: t.b, qp, b))
+
+    fd = central_difference_jacobian(loss_b, qp.b)
+    assert relative_error(_grad(qp, ig.Implicit()).b, fd) < FD_TOL
+    assert relative_error(_grad(qp, ig.OneStep()).b, fd) < FD_TOL
+
+
+def test_directional_finite_differences_other_fields():
+    qp = random_qp(jr.PRNGKey(SIZES[0][0]), *SIZES[0])
+    g = _grad(qp, ig.OneStep())
+    keys = jr.split(jr.PRNGKey(7), 3)
+    eps = 1e-6
+    for key, field in zip(keys, ("h", "q", "Q"), strict=True):
+        v = jr.normal(key, getattr(qp, field).shape)
+        plus = eqx.tree_at(lambda t, f=field: getattr(t, f), qp, getattr(qp, field) + eps * v)
+        minus = eqx.tree_at(lambda t, f=field: getattr(t, f), qp, getattr(qp, field) - eps * v)
+        fd = (_loss_value(plus) - _loss_value(minus)) / (2 * eps)
+        ad = jnp.vdot(getattr(g, field), v)
+        assert abs(fd - ad) < FD_TOL * (1 + abs(ad)), field
+
+
+def test_jit_and_vmap_over_b():
+    qp = random_qp(jr.PRNGKey(SIZES[0][0]), *SIZES[0])
+    bs = qp.b + 0.1 * jr.normal(jr.PRNGKey(1), (3,) + qp.b.shape)
+
+    def loss_b(b):
+        x = ig.solve(SOLVER, None, eqx.tree_at(lambda t: t.b, qp, b), **TOL).value
+        return 0.5 * jnp.sum(x**2), x
+
+    (_, xs), gs = jax.jit(jax.vmap(jax.value_and_grad(loss_b, has_aux=True)))(bs)
+    for i in range(3):
+        qp_i = eqx.tree_at(lambda t: t.b, qp, bs[i])
+        np.testing.assert_allclose(xs[i], _solve(qp_i).value, rtol=1e-10, atol=1e-10)
+        # Batched and unbatched LU round differently; the one-step estimate
+        # itself is only ~1e-9 accurate here, so ask for agreement at that level.
+        np.testing.assert_allclose(gs[i], _grad(qp_i, ig.OneStep()).b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["equality_only", "inequality_only"])
+def test_one_kind_of_constraint(kind):
+    full = random_qp(jr.PRNGKey(4), 12, 4, 8)
+    if kind == "equality_only":
+        qp = QP(full.Q, full.q, A=full.A, b=full.b)
+    else:
+        qp = QP(full.Q, full.q, G=full.G, h=full.h)
+    sol = _solve(qp)
+    assert sol.result == ig.RESULTS.successful
+    _, _, _, ref = _active_set_reference(qp, sol.value)
+    g_os = _grad(qp, ig.OneStep())
+    for field in ("q", "b") if kind == "equality_only" else ("q", "h"):
+        assert relative_error(getattr(g_os, field), ref[field]) < REF_TOL
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("Q", dict(Q=np.ones((3, 2)))),
+        ("q", dict(q=np.ones(4))),
+        ("A", dict(A=np.ones((2, 4)))),
+        ("b", dict(b=np.ones(3))),
+        ("G", dict(G=np.ones((2, 2)))),
+        ("h", dict(h=np.ones(1))),
+    ],
+)
+def test_bad_shapes_raise(field, kwargs):
+    data = dict(Q=np.eye(3), q=np.ones(3), A=np.ones((2, 3)), b=np.ones(2),
+                G=np.ones((2, 3)), h=np.ones(2))
+    data.update(kwargs)
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        QP(**data)
+
+
+def test_missing_partner_and_nan_raise():
+    with pytest.raises(ValueError, match="`A` and `b`"):
+        QP(np.eye(2), np.ones(2), A=np.ones((1, 2)))
+    with pytest.raises(ValueError, match="`h` contains NaN"):
+        QP(np.eye(2), np.ones(2), G=np.ones((1, 2)), h=np.array([np.nan]))
+    with pytest.raises(TypeError, match="QP"):
+        ig.solve(SOLVER, None, {"Q": np.eye(2)})
+
+
+def test_nan_under_jit_is_reported():
+    qp = random_qp(jr.PRNGKey(SIZES[0][0]), *SIZES[0])
+    sol = _solve(eqx.tree_at(lambda t: t.b, qp, qp.b.at[0].set(jnp.nan)))
+    assert sol.result == ig.RESULTS.nonfinite
+
+
+_infeasible = {
+    # x1 = 0 and x1 = 1.
+    "equalities": QP(np.eye(2), np.zeros(2), A=[[1.0, 0.0], [1.0, 0.0]], b=[0.0, 1.0]),
+    # x1 <= -1 and x1 >= 1.
+    "inequalities": QP(np.eye(2), np.zeros(2), G=[[1.0, 0.0], [-1.0, 0.0]], h=[-1.0, -1.0]),
+    # min x1 s.t. x2 <= 1 with Q = 0: unbounded below.
+    "unbounded": QP(np.zeros((2, 2)), [1.0, 0.0], G=[[0.0, 1.0]], h=[1.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_infeasible))
+def test_infeasible_is_reported(name):
+    qp = _infeasible[name]
+    assert _solve(qp).result == ig.RESULTS.infeasible
+    if name == "inequalities":  # one compilation is enough to check `throw`
+        with pytest.raises(eqx.EquinoxRuntimeError, match="infeasible"):
+            _solve_throw(qp)
+
+
+def test_random_qp_and_solver_arguments():
+    with pytest.raises(ValueError, match="`m`"):
+        random_qp(jr.PRNGKey(0), 3, 4, 1)
+    with pytest.raises(ValueError, match="eta_min"):
+        ig.InteriorPointQP(eta_min=1.0)
+    qp = random_qp(jr.PRNGKey(0), 4, 1, 2, dtype=jnp.float32, regularisation=1e-3)
+    assert qp.Q.dtype == jnp.float32 and qp.sizes == (4, 1, 2)
+    with pytest.raises(ValueError, match="`x0`"):
+        SOLVER.init(jnp.zeros(3), qp)
