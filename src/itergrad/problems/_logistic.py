@@ -106,7 +106,9 @@ def flip_labels(
     flipped samples (exactly `round(fraction * N)` of them).
     """
     if not 0 <= fraction <= 1:
-        raise ValueError(f"flip_labels(fraction=...) must lie in [0, 1], got {fraction}.")
+        raise ValueError(
+            f"flip_labels(fraction=...) must lie in [0, 1], got {fraction}."
+        )
     n_samples = problem.y.shape[0]
     n_flip = round(fraction * n_samples)
     chosen = jr.permutation(key, n_samples)[:n_flip]

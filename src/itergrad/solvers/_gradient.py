@@ -35,7 +35,7 @@ def check_stepsize(solver: str, stepsize: Any, L: Any, mu: Any) -> None:
                 f"{_STEPSIZE_RULES}, got {stepsize!r}."
             )
         needed = ("L",) if stepsize == "1/L" else ("L", "mu")
-        for name, value in zip(("L", "mu"), (L, mu)):
+        for name, value in zip(("L", "mu"), (L, mu), strict=True):
             if name not in needed:
                 continue
             if value is None:

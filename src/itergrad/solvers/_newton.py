@@ -59,7 +59,9 @@ def _check_line_search(name: str, c1: float, max_steps: int) -> None:
             f"accepted near the solution, got {c1}."
         )
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"{name}(max_steps=...) must be a positive integer, got {max_steps!r}.")
+        raise ValueError(
+            f"{name}(max_steps=...) must be a positive integer, got {max_steps!r}."
+        )
 
 
 class Backtracking(AbstractLineSearch):
@@ -186,7 +188,14 @@ class Wolfe(AbstractLineSearch):
 
         one = jnp.ones((), dtype)
         f1, s1 = evaluate(one)
-        init = (one, jnp.zeros((), dtype), jnp.full((), jnp.inf, dtype), f1, s1, jnp.array(0))
+        init = (
+            one,
+            jnp.zeros((), dtype),
+            jnp.full((), jnp.inf, dtype),
+            f1,
+            s1,
+            jnp.array(0),
+        )
         t, _, _, f, s, _ = jax.lax.while_loop(cond_fun, body_fun, init)
         descent = jnp.isfinite(slope) & (slope <= slack)
         return t, descent & accepted(t, f, s)
@@ -230,7 +239,8 @@ class Newton(AbstractSolver):
     - `linesearch`: `Backtracking()` (default, Armijo) or `Wolfe()`.
     - `linear_solver`: a Lineax solver for the Newton system. Default
       `lx.Cholesky()` (the Hessian is tagged symmetric positive semidefinite);
-      `lx.LU()` for indefinite Hessians; `lx.CG(rtol=..., atol=...,
+      `lx.LU()` assumes no definiteness (an ascent direction is still reported
+      as a line-search failure); `lx.CG(rtol=..., atol=...,
       max_steps=...)` for matrix-free inexact Newton. A Krylov solver that
       stops at its `max_steps` still yields a usable (descent) direction.
 
@@ -284,6 +294,7 @@ class Newton(AbstractSolver):
             operator = lx.FunctionLinearOperator(hvp, structure, _HESSIAN_TAGS)
             usable = (lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
         else:
+
             def gradient_aux(z):
                 g, f = gradient(z)
                 return g, (g, f)
@@ -291,13 +302,13 @@ class Newton(AbstractSolver):
             hessian, (g, f) = jax.jacfwd(gradient_aux, has_aux=True)(flat)
             operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
             usable = (lx.RESULTS.successful,)
-        solution = lx.linear_solve(
-            operator, jtu.tree_map(jnp.negative, g), self.linear_solver, throw=False
-        )
+        solution = lx.linear_solve(operator, -g, self.linear_solver, throw=False)
         direction = solution.value
-        solved = jnp.isfinite(direction).all() & jnp.any(
-            jnp.stack([solution.result == code for code in usable])
-        )
+        # A non-finite direction (Cholesky on an indefinite Hessian) or an ascent
+        # one (LU there) is a line-search failure: there is no descent direction.
+        # Only a solver failing with a finite output is a linear-solve failure.
+        solver_ok = jnp.any(jnp.stack([solution.result == code for code in usable]))
+        solve_failed = ~solver_ok & jnp.all(jnp.isfinite(direction))
 
         # The line search sees no derivatives: its step is piecewise constant,
         # and reverse mode could not go through its while_loop anyway. The
@@ -309,12 +320,12 @@ class Newton(AbstractSolver):
             lambda z: frozen_objective(unravel(z), frozen_theta),
             *_freeze((flat, f, g, direction)),
         )
-        accepted = solved & found
+        accepted = found & ~solve_failed
         new_flat = jnp.where(accepted, flat + t * direction, flat)
         result = RESULTS.where(
-            solved,
-            RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
+            solve_failed,
             RESULTS.linear_solve_failed,
+            RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
         )
         return _NewtonState(x=unravel(new_flat), result=result)
 
@@ -323,10 +334,7 @@ class Newton(AbstractSolver):
 
     def optimality(self, state, theta):
         grad = jax.grad(self.objective)(state.x, theta)
-        return eqx.filter(
-            eqx.tree_at(lambda s: s.x, state, grad), eqx.is_inexact_array
-        )
+        return eqx.filter(eqx.tree_at(lambda s: s.x, state, grad), eqx.is_inexact_array)
 
     def status(self, state):
         return state.result
-
