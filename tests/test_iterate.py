@@ -125,18 +125,29 @@ def test_second_call_does_not_retrace(estimator):
     grad(jnp.array([0.3, -2.0]))
 
 
-def test_implicit_differentiates_arrays_that_F_closes_over():
-    # Derivative w.r.t. a closed-over array must not be silently zero.
+def test_every_estimator_differentiates_arrays_that_F_closes_over():
+    # Derivatives w.r.t. closed-over arrays are neither silently zero (Implicit
+    # closure-converts F) nor a crash in the no-gradient loop (the loop is
+    # closure-converted and stopped). Closed forms in c: one-step I,
+    # truncated sum_{i<K} A^i, implicit and unrolled-to-convergence (I - A)^{-1}.
+    from .helpers import truncated_jacobian
+
     _, A, B, c = linear_contraction(jr.key(0), 4, 2, 0.5)
 
     def value(c_vec, estimator):
         F = lambda x, theta: A @ x + B @ theta + c_vec  # noqa: E731
         return ig.iterate(F, jnp.zeros(4), jnp.ones(2), estimator=estimator, rtol=1e-13, atol=1e-13).value
 
-    expected = jnp.linalg.inv(jnp.eye(4) - A)
-    for estimator in (ig.Implicit(), ig.Unroll()):
+    implicit = jnp.linalg.inv(jnp.eye(4) - A)
+    cases = [
+        (ig.Implicit(), implicit),
+        (ig.Unroll(), implicit),
+        (ig.OneStep(), jnp.eye(4)),
+        (ig.Truncated(3), truncated_jacobian(A, jnp.eye(4), 3)),
+    ]
+    for estimator, expected in cases:
         jac = jax.jacrev(lambda cv: value(cv, estimator))(c)
-        assert jnp.max(jnp.abs(jac - expected)) < 1e-10
+        assert jnp.max(jnp.abs(jac - expected)) < 1e-10, estimator
 
 
 def test_neumann_is_inexact_ad():

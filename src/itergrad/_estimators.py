@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from ._loop import LoopOutput, LoopSettings, history_entry, run_loop
+from ._loop import (
+    LoopOutput,
+    LoopSettings,
+    history_entry,
+    run_loop,
+    run_loop_without_gradient,
+)
 from ._spectral import auto_truncation, solver_contraction
 from ._tree import tree_where
 from .solvers._base import AbstractSolver
@@ -53,7 +59,7 @@ def replay_last_steps(
     called on the forward loop's output (used by `Truncated("auto")`, whose
     number of steps depends on the final iterate).
     """
-    out = run_loop(solver, _stop(state0), _stop(theta), settings, keep=K)
+    out = run_loop_without_gradient(solver, state0, theta, settings, keep=K)
     if callable(differentiated):
         differentiated = differentiated(out)
     steps = out.steps

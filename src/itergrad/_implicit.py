@@ -11,7 +11,7 @@ import lineax as lx
 from jaxtyping import PyTree
 
 from ._estimators import AbstractEstimator
-from ._loop import run_loop
+from ._loop import run_loop_without_gradient
 from ._tree import tree_sub
 from .solvers._base import AbstractSolver
 
@@ -75,10 +75,7 @@ class Implicit(AbstractEstimator):
             )
 
     def run(self, solver, state0, theta, settings):
-        out = run_loop(
-            solver, jax.lax.stop_gradient(state0), jax.lax.stop_gradient(theta),
-            settings,
-        )
+        out = run_loop_without_gradient(solver, state0, theta, settings)
         root, static = eqx.partition(out.state, eqx.is_inexact_array)
         root = jax.lax.stop_gradient(root)
         condition_fn = _condition_function(solver, self.condition, static)

@@ -134,3 +134,33 @@ def run_loop(
         )
     state, history, steps, residual, result, _ = final
     return LoopOutput(state, history, steps, residual, result)
+
+
+def run_loop_without_gradient(
+    solver: AbstractSolver,
+    state0: PyTree[Any],
+    theta: PyTree[Any],
+    settings: LoopSettings,
+    *,
+    keep: int = 0,
+) -> LoopOutput:
+    """`run_loop` with no derivative flowing into it from anywhere.
+
+    Stopping gradients on `state0` and `theta` is not enough: the solver's
+    objective or the user's `F` may close over arrays that are being
+    differentiated (e.g. the design matrix of a problem), and reverse-mode AD
+    would then try to go through the `while_loop` and fail. Closure conversion
+    turns everything the loop closes over into explicit leaves, which are then
+    stopped too.
+    """
+
+    def forward(state0, theta):
+        return run_loop(solver, state0, theta, settings, keep=keep)
+
+    state0, theta = jax.lax.stop_gradient((state0, theta))
+    forward = eqx.filter_closure_convert(forward, state0, theta)
+    forward = jtu.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf,
+        forward,
+    )
+    return forward(state0, theta)

@@ -27,10 +27,11 @@ class RESULTS(eqx.Enumeration):
         "diverges."
     )
     linear_solve_failed = (
-        "A linear solve failed (singular or ill-conditioned system). For the "
-        "implicit estimator: the optimality condition is degenerate at the "
-        "solution (e.g. a non-strictly-complementary QP); try another "
-        "`linear_solver` or `condition`."
+        "A linear solve failed (singular or ill-conditioned system): a Newton "
+        "system whose Hessian is not positive definite, or, for the implicit "
+        "estimator, an optimality condition that is degenerate at the solution "
+        "(e.g. a non-strictly-complementary QP). Try another `linear_solver`, "
+        "or `Implicit(condition=...)`."
     )
     linesearch_failed = (
         "The line search could not find an acceptable step: the objective may be "
