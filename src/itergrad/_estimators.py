@@ -125,8 +125,8 @@ class Unroll(AbstractEstimator):
         iterates (the burn-in effect).
     """
 
-    mode: Literal["reverse", "forward"] = "reverse"
-    checkpoints: int | None = None
+    mode: Literal["reverse", "forward"] = eqx.field(static=True, default="reverse")
+    checkpoints: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.mode not in ("reverse", "forward"):

@@ -59,7 +59,9 @@ class Implicit(AbstractEstimator):
     """
 
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
-    condition: Literal["optimality", "fixed_point"] = "optimality"
+    condition: Literal["optimality", "fixed_point"] = eqx.field(
+        static=True, default="optimality"
+    )
     throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):

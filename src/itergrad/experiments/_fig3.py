@@ -28,7 +28,7 @@ from ._report import (
 NAME = "fig3"
 TITLE = "Figure 3 — time of solve + gradient vs number of parameters"
 COLUMNS = [
-    "problem", "size", "n", "m", "p", "N", "params", "method", "time_mean",
+    "problem", "size", "n", "m", "p", "N", "params", "method", "time_median",
     "time_std", "repeats", "steps", "result", "os_vs_id_abs", "os_vs_id_rel",
     "ad_vs_id_rel",
 ]
@@ -94,13 +94,13 @@ def _measure(ctx, problem, size, case, autodiff_cap, repeats, rows):
                     return 0.5 * jnp.sum(sol.value**2), (sol.steps, sol.result)
                 g, (steps, result) = jax.grad(loss, has_aux=True)(t)
                 return g, steps, result
-        mean, std, (value, steps, result) = time_compiled(
+        median, std, (value, steps, result) = time_compiled(
             eqx.filter_jit(fn), theta, repeats=repeats
         )
         if method != "None":
             grads[method] = np.asarray(value)
         rows.append(dict(problem=problem, size=size, **sizes, method=method,
-                         time_mean=mean, time_std=std, repeats=repeats,
+                         time_median=median, time_std=std, repeats=repeats,
                          steps=int(steps), result=result_name(result)))
         ctx.advance()
     g_id = grads["Implicit"]
@@ -115,7 +115,7 @@ def _measure(ctx, problem, size, case, autodiff_cap, repeats, rows):
 
 
 def run(ctx: Context):
-    repeats = ctx.pick(tiny=2, quick=3, full=10)
+    repeats = ctx.pick(tiny=2, quick=5, full=10)
     logistic_sizes = ctx.pick(tiny=[16], quick=[100, 200, 400],
                               full=[100, 250, 500, 1000, 2000])
     qp_sizes = ctx.pick(tiny=[8], quick=[20, 50, 100],
@@ -163,7 +163,7 @@ def plot(rows, meta, path):
             if not sel:
                 continue
             x = np.array([r["params"] for r in sel], float)
-            mean = np.array([r["time_mean"] for r in sel])
+            mean = np.array([r["time_median"] for r in sel])
             std = np.array([r["time_std"] for r in sel])
             ax.plot(x, mean, label=method, **STYLE[method])
             ax.fill_between(x, np.maximum(mean - std, mean * 0.05), mean + std,
@@ -184,8 +184,8 @@ def _ratios(rows, problem):
     out = {}
     for size in sorted({r["size"] for r in rows if r["problem"] == problem}):
         sel = {r["method"]: r for r in rows if r["problem"] == problem and r["size"] == size}
-        base = sel["None"]["time_mean"]
-        out[size] = {m: sel[m]["time_mean"] / base for m in sel}, sel
+        base = sel["None"]["time_median"]
+        out[size] = {m: sel[m]["time_median"] / base for m in sel}, sel
     return out
 
 
@@ -227,23 +227,23 @@ def section(rows, meta):
                                f"(largest size with autodiff, {capped})", ad_c > os_c))
         if problem == "logistic":
             claims.append(("Newton/logistic: one-step slightly faster than implicit",
-                           "slight advantage", f"one step {fmt(sel['One step']['time_mean'])} s "
-                           f"vs implicit {fmt(sel['Implicit']['time_mean'])} s",
-                           sel["One step"]["time_mean"] <= sel["Implicit"]["time_mean"]))
+                           "slight advantage", f"one step {fmt(sel['One step']['time_median'])} s "
+                           f"vs implicit {fmt(sel['Implicit']['time_median'])} s",
+                           sel["One step"]["time_median"] <= sel["Implicit"]["time_median"]))
         lines = [f"**{label}** — time over the solve-only time, and one-step vs implicit gap:",
                  "", "| size | params | steps | None (s) | Autodiff | Implicit | One step | "
                  "OS−ID max abs | OS−ID rel |", "|---|---|---|---|---|---|---|---|---|"]
         for size, (ratio, sel) in ratios.items():
             g = sel["None"]
             lines.append(
-                f"| {size} | {g['params']} | {g['steps']} | {fmt(g['time_mean'])} | "
+                f"| {size} | {g['params']} | {g['steps']} | {fmt(g['time_median'])} | "
                 f"{fmt(ratio['Autodiff']) + '×' if 'Autodiff' in ratio else 'capped'} | "
                 f"{fmt(ratio['Implicit'])}× | {fmt(ratio['One step'])}× | "
                 f"{fmt(g['os_vs_id_abs'])} | {fmt(g['os_vs_id_rel'])} |")
         parts.append("\n".join(lines))
     intro = (
         "Time of solve + gradient of ½‖x(θ)‖² (QP: θ = b; logistic: θ = per-sample "
-        f"weights, n = N/2 features), compiled once, warm-up excluded, mean ± std over "
+        f"weights, n = N/2 features), compiled once, warm-up excluded, median (shading ± std) over "
         f"{meta.get('repeats')} repeats (shaded). 'None' is the solve alone. QP sizes "
         "m = n/4, p = n/2 (App. B.1 generator); Newton with Armijo backtracking; "
         "tolerances rtol = atol = 1e-10. "

@@ -28,7 +28,7 @@ from ._report import (
 NAME = "fig4"
 TITLE = "Figure 4 — weighted ridge with gradient descent: errors vs time"
 COLUMNS = [
-    "kappa", "stepsize", "rho", "K", "estimator", "k", "time_mean", "time_std",
+    "kappa", "stepsize", "rho", "K", "estimator", "k", "time_median", "time_std",
     "iterate_error", "jacobian_error",
 ]
 KAPPAS = (1000, 100)  # top row, bottom row, as in the paper
@@ -105,12 +105,12 @@ def run(ctx: Context):
                     key = (name, K if name == "Truncated" else 0, k)
                     if key not in compiled:
                         compiled[key] = _jacobian_fn(estimator, k)
-                    mean, std, (x_k, J_k) = time_compiled(compiled[key], solver, theta,
+                    median, std, (x_k, J_k) = time_compiled(compiled[key], solver, theta,
                                                           repeats=repeats)
                     rows.append(dict(
                         kappa=kappa, stepsize=rule, rho=rho,
                         K=K if name == "Truncated" else (1 if name == "One step" else k),
-                        estimator=name, k=k, time_mean=mean, time_std=std,
+                        estimator=name, k=k, time_median=median, time_std=std,
                         iterate_error=float(jnp.sum((x_k - x_bar) ** 2) / jnp.sum(x_bar**2)),
                         jacobian_error=float(jnp.sum((J_k - J_bar) ** 2) / jnp.sum(J_bar**2)),
                     ))
@@ -130,7 +130,7 @@ def plot(rows, meta, path):
                               and r["estimator"] == name), key=lambda r: r["k"])
                 if not sel:
                     continue
-                t = [r["time_mean"] for r in sel]
+                t = [r["time_median"] for r in sel]
                 label = name if name != "Truncated" else f"Truncated (K={sel[0]['K']})"
                 ax.plot(t, floor_positive(r["jacobian_error"] for r in sel), "-",
                         label=f"{label}: Jacobian", color=STYLE[name]["color"],
@@ -160,11 +160,11 @@ def _budget_table(rows, kappa, rule):
     budget at which every estimator has finished at least one run (the
     largest of the estimators' fastest times)."""
     sel = [r for r in rows if r["kappa"] == kappa and r["stepsize"] == rule]
-    budget = max(min(r["time_mean"] for r in sel if r["estimator"] == name)
+    budget = max(min(r["time_median"] for r in sel if r["estimator"] == name)
                  for name in ESTIMATORS if any(r["estimator"] == name for r in sel))
     best = {}
     for name in ESTIMATORS:
-        within = [r for r in sel if r["estimator"] == name and r["time_mean"] <= budget]
+        within = [r for r in sel if r["estimator"] == name and r["time_median"] <= budget]
         best[name] = (min((r["jacobian_error"] for r in within), default=math.nan),
                       min((r["iterate_error"] for r in within), default=math.nan))
     return budget, best

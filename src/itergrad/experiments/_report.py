@@ -148,8 +148,11 @@ def block(tree: Any) -> Any:
 
 
 def time_compiled(fn: Callable, *args: Any, repeats: int) -> tuple[float, float, Any]:
-    """`(mean, std, output)` of the wall-clock seconds of `fn(*args)` over
-    `repeats` calls, after one warm-up call that compiles (excluded)."""
+    """`(median, std, output)` of the wall-clock seconds of `fn(*args)` over
+    `repeats` calls, after one warm-up call that compiles (excluded).
+
+    The median, not the mean: on a shared machine one descheduled call can
+    take 100x longer and would dominate a mean over a few repeats."""
     output = block(fn(*args))
     times = []
     for _ in range(max(1, repeats)):
@@ -157,7 +160,7 @@ def time_compiled(fn: Callable, *args: Any, repeats: int) -> tuple[float, float,
         block(fn(*args))
         times.append(time.perf_counter() - start)
     times = np.asarray(times)
-    return float(times.mean()), float(times.std()), output
+    return float(np.median(times)), float(times.std()), output
 
 
 def loglog_slope(x: Iterable[float], y: Iterable[float]) -> float:

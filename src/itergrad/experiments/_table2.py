@@ -23,7 +23,7 @@ from ._report import (
 NAME = "table2"
 TITLE = "Table 2 — time and memory of each estimator, measured"
 COLUMNS = [
-    "sweep", "k", "n", "m", "estimator", "time_mean", "time_std", "temp_bytes",
+    "sweep", "k", "n", "m", "estimator", "time_median", "time_std", "temp_bytes",
     "argument_bytes", "output_bytes",
 ]
 ESTIMATORS = ("Forward algorithm", "AD reverse", "AD forward", "Implicit", "One step")
@@ -93,7 +93,7 @@ def _measure(name, k, n, m, key, repeats):
         times.append(time.perf_counter() - start)
     get = (lambda attr: int(getattr(memory, attr, 0) or 0)) if memory is not None else (
         lambda attr: 0)
-    return dict(time_mean=float(np.mean(times)), time_std=float(np.std(times)),
+    return dict(time_median=float(np.median(times)), time_std=float(np.std(times)),
                 temp_bytes=get("temp_size_in_bytes"),
                 argument_bytes=get("argument_size_in_bytes"),
                 output_bytes=get("output_size_in_bytes"))
@@ -139,7 +139,7 @@ def slopes(rows):
             pt = [_predicted_time(name, r["k"], r["n"], r["m"]) for r in sel]
             pm = [_predicted_memory(name, r["k"], r["n"], r["m"]) for r in sel]
             out[name, var] = (
-                loglog_slope(x, [r["time_mean"] for r in sel]), loglog_slope(x, pt),
+                loglog_slope(x, [r["time_median"] for r in sel]), loglog_slope(x, pt),
                 loglog_slope(x, [max(r["temp_bytes"], 1) for r in sel]), loglog_slope(x, pm),
             )
     return out
@@ -155,7 +155,7 @@ def plot(rows, meta, path):
                 continue
             style = STYLE[_STYLE_OF[name]]
             x = [r[var] for r in sel]
-            axes[0, j].plot(x, [r["time_mean"] for r in sel], label=name, **style)
+            axes[0, j].plot(x, [r["time_median"] for r in sel], label=name, **style)
             axes[1, j].plot(x, [max(r["temp_bytes"], 1) for r in sel], label=name, **style)
         others = {v: meta.get("base", {}).get(v) for v in ("k", "n", "m") if v != var}
         fixed = ", ".join(f"{v}={val}" for v, val in others.items())
@@ -200,7 +200,7 @@ def section(rows, meta):
         claims.append((text, f"{which} slope in {var}", measured, held))
     return f"""Linear contraction F(x, θ) = A x + B θ + c, ‖A‖ = 0.5, run for exactly k
 steps; gradient of ½‖x_k‖² w.r.t. θ ∈ ℝᵐ. Each point is one compiled function
-(`jax.jit(f).lower(...).compile()`): time is the mean of {meta.get('repeats')} calls after a
+(`jax.jit(f).lower(...).compile()`): time is the median of {meta.get('repeats')} calls after a
 warm-up, memory is `memory_analysis().temp_size_in_bytes` (XLA scratch
 memory; arguments A, B are excluded). Base point {meta.get('base')}; each
 sweep varies one of k, n, m. Predicted slopes are log-log fits of Table 2's
