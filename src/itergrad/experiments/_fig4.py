@@ -199,7 +199,9 @@ def section(rows, meta):
             if rule == "2/(mu+L)":
                 held = None
                 if _lt(tr[1], ad[1] * (1 + 1e-12)) is not None and math.isfinite(tr[0]):
-                    held = tr[1] <= ad[1] and tr[0] <= SIMILAR * ad[0]
+                    # Strictly better iterates: a tie (both evaluated at the same
+                    # k within the budget) is no evidence for the claim.
+                    held = tr[1] < ad[1] and tr[0] <= SIMILAR * ad[0]
                 claims.append((f"κ={kappa}, large step: truncated one-step gets better iterates "
                                f"and similar-or-better Jacobians (≤ {SIMILAR:g}×) than autodiff "
                                "at a fixed budget", "yes",
@@ -208,7 +210,7 @@ def section(rows, meta):
             else:
                 held = None
                 if _lt(tr[1], ad[1]) is not None and _lt(ad[0], tr[0]) is not None:
-                    held = tr[1] <= ad[1] and tr[0] >= ad[0]
+                    held = tr[1] < ad[1] and tr[0] > ad[0]
                 claims.append((f"κ={kappa}, small step: truncated trades better iterates for "
                                "worse Jacobians than autodiff at a fixed budget", "trade-off",
                                f"iterate {fmt(tr[1])} vs {fmt(ad[1])}; Jacobian {fmt(tr[0])} "
