@@ -18,6 +18,7 @@ from ._report import (
     new_figure,
     save_figure,
     tidy_log_axes,
+    time_compiled,
 )
 
 NAME = "table2"
@@ -83,17 +84,10 @@ def _measure(name, k, n, m, key, repeats):
     args = (theta, A, B, c)
     compiled = jax.jit(_function(name, k)).lower(*args).compile()
     memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    import time
-
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    median, std, _ = time_compiled(compiled, *args, repeats=repeats)
     get = (lambda attr: int(getattr(memory, attr, 0) or 0)) if memory is not None else (
         lambda attr: 0)
-    return dict(time_median=float(np.median(times)), time_std=float(np.std(times)),
+    return dict(time_median=median, time_std=std,
                 temp_bytes=get("temp_size_in_bytes"),
                 argument_bytes=get("argument_size_in_bytes"),
                 output_bytes=get("output_size_in_bytes"))
