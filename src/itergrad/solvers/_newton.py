@@ -307,19 +307,15 @@ class Newton(AbstractSolver):
             structure = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
             operator = lx.FunctionLinearOperator(hvp, structure, _HESSIAN_TAGS)
             usable = (lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
+            solution = lx.linear_solve(operator, -g, self.linear_solver, throw=False)
+            direction = solution.value
         elif self.cheap_derivative:
             direction, solution, g, f = self._dense_direction(gradient, flat)
             usable = (lx.RESULTS.successful,)
         else:
-
-            def gradient_aux(z):
-                g, f = gradient(z)
-                return g, (g, f)
-
-            hessian, (g, f) = jax.jacfwd(gradient_aux, has_aux=True)(flat)
+            hessian, g, f = _hessian_and_gradient(gradient, flat)
             operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
             usable = (lx.RESULTS.successful,)
-        if isinstance(self.linear_solver, _MATRIX_FREE) or not self.cheap_derivative:
             solution = lx.linear_solve(operator, -g, self.linear_solver, throw=False)
             direction = solution.value
         # A non-finite direction (Cholesky on an indefinite Hessian) or an ascent
@@ -352,15 +348,9 @@ class Newton(AbstractSolver):
         `cheap_derivative`: the Hessian is formed and factorised on
         stopped inputs, and derivatives enter through $g$ and one
         Hessian-vector product only."""
-        stopped = jax.lax.stop_gradient(flat)
-
-        def gradient_aux(z):
-            g, f = gradient(z)
-            return g, (g, f)
-
         # jacfwd over a stopped point: its (expensive) derivative is never
         # taken. Closed-over theta may still carry tangents; stop them too.
-        hessian, _ = jax.jacfwd(gradient_aux, has_aux=True)(stopped)
+        hessian, _, _ = _hessian_and_gradient(gradient, jax.lax.stop_gradient(flat))
         hessian = jax.lax.stop_gradient(hessian)
         operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
         state = self.linear_solver.init(operator, {})
@@ -387,3 +377,15 @@ class Newton(AbstractSolver):
 
     def status(self, state):
         return state.result
+
+
+def _hessian_and_gradient(gradient, flat):
+    """`(Hessian, gradient, value)` in one `jacfwd` pass: the primal of the
+    gradient is computed once, not once per column."""
+
+    def gradient_aux(z):
+        g, f = gradient(z)
+        return g, (g, f)
+
+    hessian, (g, f) = jax.jacfwd(gradient_aux, has_aux=True)(flat)
+    return hessian, g, f
