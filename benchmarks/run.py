@@ -166,8 +166,9 @@ def logistic_methods() -> dict[str, Callable]:
     import jaxopt
     import optimistix as optx
 
-    def itergrad_newton(estimator, linear_solver=None):
-        kwargs = {} if linear_solver is None else {"linear_solver": linear_solver}
+    def itergrad_newton(estimator, linear_solver=None, **kwargs):
+        if linear_solver is not None:
+            kwargs["linear_solver"] = linear_solver
 
         def x_of(problem, theta):
             sol = ig.solve(
@@ -224,8 +225,13 @@ def logistic_methods() -> dict[str, Callable]:
         "itergrad Newton + Implicit": itergrad_newton(ig.Implicit()),
         "itergrad Newton + Unroll": itergrad_newton(ig.Unroll()),
         # Matrix-free inexact Newton: Hessian-vector products only, O(Nn) per
-        # CG iteration instead of O(Nn^2) for the Hessian.
+        # CG iteration instead of O(Nn^2) for the Hessian. By default each
+        # Newton system is solved to an Eisenstat-Walker forcing tolerance;
+        # the derivative solves use the CG tolerance (1e-10).
         "itergrad Newton-CG + OneStep": itergrad_newton(ig.OneStep(), NEWTON_CG),
+        "itergrad Newton-CG (forcing=None) + OneStep": itergrad_newton(
+            ig.OneStep(), NEWTON_CG, forcing=None
+        ),
         "itergrad Newton-CG + Implicit(GMRES)": itergrad_newton(
             ig.Implicit(linear_solver=lx.GMRES(rtol=1e-10, atol=1e-10)), NEWTON_CG
         ),

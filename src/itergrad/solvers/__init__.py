@@ -6,6 +6,7 @@ from ._base import (
 )
 from ._gradient import GradientDescent as GradientDescent, HeavyBall as HeavyBall
 from ._interior_point import InteriorPointQP as InteriorPointQP
+from ._krylov import EisenstatWalker as EisenstatWalker
 from ._newton import (
     AbstractLineSearch as AbstractLineSearch,
     Backtracking as Backtracking,
@@ -17,6 +18,7 @@ __all__ = ["AbstractSolver", "FixedPointIteration"]
 __all__ += [
     "AbstractLineSearch",
     "Backtracking",
+    "EisenstatWalker",
     "GradientDescent",
     "HeavyBall",
     "Newton",
