@@ -124,7 +124,8 @@ class InteriorPointQP(AbstractSolver):
        factorisation.
     3. $w^+ = w + \\alpha\\Delta$ with $\\alpha = \\min(1, \\eta\\,\\alpha_{\\max})$,
        $\\alpha_{\\max}$ the step to the boundary of $s, z \\ge 0$ and
-       $\\eta = \\max(\\eta_{\\min}, 1 - \\mu)$.
+       $\\eta = \\max(\\eta_{\\min}, 1 - \\mu)$. Like a line search, $\\alpha$
+       is a safeguard and carries no derivative.
 
     The Newton systems are solved after eliminating $\\Delta s$: one LU
     factorisation per step of the $(n + m + p)$ augmented KKT matrix, with the
@@ -246,7 +247,12 @@ class InteriorPointQP(AbstractSolver):
             # last, differentiated steps are full Newton steps up to O(μ)
             # (a fixed 0.99999 would bias the one-step derivative by 1e-5).
             eta = jnp.maximum(self.eta_min, 1.0 - mu)
-            alpha = jnp.minimum(1.0, eta * alpha_max)
+            # The step length is a safeguard (which pair reaches the boundary
+            # first), like Newton's line search: it carries no derivative.
+            # Differentiating it adds Δ ∂α/∂θ with ∂α_max ∝ 1/s_i for a pair
+            # whose s_i → 0: measured 10x worse one-step derivatives (QP
+            # n=300: 1.8e-7 instead of 1.7e-8; n=1000: 9e-7 instead of 8e-8).
+            alpha = jax.lax.stop_gradient(jnp.minimum(1.0, eta * alpha_max))
             new = (x + alpha * dx, s + alpha * ds, z + alpha * dz, y + alpha * dy)
         result = self._certificate(*new, qp, Qs)
         return _InteriorPointState(*new, result=result)
