@@ -78,7 +78,7 @@ def run(ctx: Context):
     A, y, source = _design(ctx)
     N = A.shape[0]
     theta = jnp.ones(N)
-    k_grid = ctx.pick(tiny=[10], quick=[30, 300, 3000],
+    k_grid = ctx.pick(tiny=[10], quick=[30, 100, 300, 1000, 3000],
                       full=[10, 30, 100, 300, 1000, 3000, 10000, 30000])
     repeats = ctx.pick(tiny=1, quick=1, full=3)
     ctx.set_total(len(KAPPAS) * len(STEPSIZES) * len(ESTIMATORS) * len(k_grid))
@@ -156,12 +156,18 @@ def plot(rows, meta, path):
 
 
 def _budget_table(rows, kappa, rule):
-    """Best errors each estimator reaches within a time budget T: the smallest
-    budget at which every estimator has finished at least one run (the
-    largest of the estimators' fastest times)."""
+    """Best errors each estimator reaches within a time budget T: the time the
+    truncated (one-step) strategy takes for its longest run, the budget the
+    paper's "for a fixed time budget" compares at. An estimator that is
+    slower per iteration reaches a smaller k within T. (The earlier rule, the
+    largest of the fastest times, compared every estimator at the same k:
+    ties, no evidence either way.)"""
     sel = [r for r in rows if r["kappa"] == kappa and r["stepsize"] == rule]
-    budget = max(min(r["time_median"] for r in sel if r["estimator"] == name)
-                 for name in ESTIMATORS if any(r["estimator"] == name for r in sel))
+    truncated = [r for r in sel if r["estimator"] == "Truncated"]
+    if truncated:
+        budget = max(truncated, key=lambda r: r["k"])["time_median"]
+    else:
+        budget = max(r["time_median"] for r in sel)
     best = {}
     for name in ESTIMATORS:
         within = [r for r in sel if r["estimator"] == name and r["time_median"] <= budget]
@@ -237,11 +243,13 @@ k < K the truncated estimator is full unrolling (identical to Autodiff).
 "Truncated" is the paper's "one step strategy" (one-step on F^K); "One step" is
 plain K = 1.
 
-**Fixed time budget.** T is, per panel, the smallest budget at which every
-estimator has finished at least one run (the largest of their fastest times);
-"best within T" is the smallest error among runs that took at most T. The
-truncated estimator always replays K masked steps, so its runs are slow at
-small k (k < K), which sets T.
+**Fixed time budget.** T is, per panel, the time the truncated estimator takes
+for its longest run (k = {max(meta.get('k_grid', [0]))}); "best within T" is the smallest
+error among an estimator's runs that took at most T, so an estimator slower
+per iteration is compared at a smaller k. Every estimator runs the same
+gradient descent, so at equal k the iterates are identical: only a larger k
+within T gives better iterates. On the k grid, "within T" is decided by the
+measured medians (a run just above T does not count).
 
 {claims_table(claims)}
 
