@@ -460,14 +460,24 @@ def _row(size, method, steps, t_solve: Timing, t_grad: Timing, error) -> dict:
 def _add_ratios(rows, size, onestep_name):
     """`vs_onestep`: time(solve + gradient) / that of itergrad OneStep.
     `grad_over_itergrad_loop`: time(solve + gradient) / time of the plain
-    itergrad loop (the forward pass of `Implicit`, which runs no extra step)."""
+    itergrad loop of the same solver (the forward pass of its `Implicit` row,
+    which runs no extra step); blank for a solver without such a row."""
     here = [r for r in rows if r["size"] == size]
     onestep = next(r for r in here if r["method"] == onestep_name)
-    loop = next(r for r in here if "Implicit" in r["method"] and "itergrad" in r["method"])
+
+    def solver_of(method):
+        return method.split(" + ")[0]
+
+    loops = {
+        solver_of(r["method"]): r["solve_ms"]
+        for r in here
+        if r["method"].startswith("itergrad") and " + Implicit" in r["method"]
+    }
     for r in here:
         r["vs_onestep"] = r["grad_ms"] / onestep["grad_ms"]
-        if r["method"].startswith("itergrad"):
-            r["grad_over_itergrad_loop"] = r["grad_ms"] / loop["solve_ms"]
+        loop = loops.get(solver_of(r["method"]))
+        if r["method"].startswith("itergrad") and loop is not None:
+            r["grad_over_itergrad_loop"] = r["grad_ms"] / loop
 
 
 def atomic_write(path: Path, text: str) -> None:
