@@ -1,6 +1,6 @@
 """itergrad side by side with the libraries users would pick instead.
 
-    python benchmarks/run.py                       # full run (~10 min on 2 cores)
+    python benchmarks/run.py                       # full run (~6 min on 2 idle cores)
     python benchmarks/run.py --quick               # smallest sizes (~2 min)
     python benchmarks/run.py --only logistic,qp --repeats 9
 
