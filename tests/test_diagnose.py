@@ -2,6 +2,8 @@
 contractions (DESIGN.md §7) and weighted ridge regression with gradient
 descent."""
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -175,6 +177,19 @@ def test_truncated_auto_on_weighted_ridge():
     assert float(report.disagreement) > 100 * target
     assert abs(float(report.rho) / (1 - mu / L) - 1) <= NORM_RTOL
     assert isinstance(report.recommended, ig.Truncated | ig.Implicit)
+    # The chosen K is reported: the smallest K with rho^K / (1 - rho^K) <=
+    # target for the true rho = 1 - mu/L (1 more allowed: rho is estimated).
+    sol = jax.jit(lambda t: ig.solve(
+        solver, jnp.zeros(5), t, estimator=auto, max_steps=3000, rtol=1e-13, atol=1e-13
+    ))(theta)
+    rho = 1 - mu / L
+    K_exact = math.ceil(math.log(target / (1 + target)) / math.log(rho))
+    assert K_exact <= int(sol.stats["differentiated_steps"]) <= K_exact + 1
+    few = dict(max_steps=10, throw=False)
+    one_step = ig.solve(solver, jnp.zeros(5), theta, estimator=ig.OneStep(), **few)
+    assert int(one_step.stats["differentiated_steps"]) == 1
+    implicit = ig.solve(solver, jnp.zeros(5), theta, estimator=ig.Implicit(), **few)
+    assert "differentiated_steps" not in implicit.stats
 
 
 def test_truncated_validation_messages():

@@ -1,8 +1,9 @@
 """Derivative estimators built from `stop_gradient` alone: unrolling, one-step
 and truncated differentiation. (Implicit differentiation lives in
-`_implicit.py`, the only module with a custom derivative rule.)"""
+`_implicit.py`.)"""
 
 import abc
+import dataclasses
 from typing import Any, Literal
 
 import equinox as eqx
@@ -77,6 +78,7 @@ def replay_last_steps(
         return tree_where(i >= K - live_steps, stepped, state)
 
     live = jax.lax.fori_loop(0, K, replay, start)
+    out = dataclasses.replace(out, differentiated_steps=live_steps)
     return attach_derivative(out.state, live), out
 
 

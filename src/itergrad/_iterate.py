@@ -97,8 +97,15 @@ def solve(
         residual=out.residual,
         result=result,
         state=state,
-        stats={"max_steps": max_steps},
+        stats=_stats(max_steps, out),
     )
+
+
+def _stats(max_steps: int, out: Any) -> dict[str, Any]:
+    stats = {"max_steps": max_steps}
+    if out.differentiated_steps is not None:
+        stats["differentiated_steps"] = out.differentiated_steps
+    return stats
 
 
 def iterate(

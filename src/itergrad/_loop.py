@@ -32,6 +32,9 @@ class LoopOutput(eqx.Module):
     steps: Int[Array, ""]
     residual: Real[Array, ""]
     result: RESULTS
+    # Set by estimators that differentiate only the last steps (OneStep,
+    # Truncated): how many were differentiated.
+    differentiated_steps: Int[Array, ""] | None = None
 
 
 class LoopSettings(eqx.Module):

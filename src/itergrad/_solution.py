@@ -58,7 +58,10 @@ class Solution(eqx.Module):
     - `result`: a `RESULTS` code; `RESULTS.successful` when converged.
     - `state`: the final solver state (for a plain step map, the iterate),
       differentiable like `value`; use it to warm-start a later solve.
-    - `stats`: extra information (for example `"max_steps"`).
+    - `stats`: extra information: `"max_steps"`, and for `OneStep` and
+      `Truncated` `"differentiated_steps"`, the number of final steps whose
+      derivative was taken (the chosen $K$ of `Truncated("auto")`, or fewer
+      when the loop took fewer steps).
     """
 
     value: PyTree[Array]
