@@ -211,7 +211,7 @@ class _NewtonState(eqx.Module):
     # are computed without derivatives (see `Newton.optimality`).
     previous_gradient_norm: Scalar
     previous_forcing: Scalar
-    # Total Krylov iterations (Hessian-vector products) so far; 0 when dense.
+    # Krylov steps so far (Lineax's `num_steps`, summed); 0 when dense.
     krylov_steps: Int[Array, ""]
 
 
@@ -234,8 +234,9 @@ class Newton(AbstractSolver):
     differentiates the exact Newton map and is quadratically accurate
     (Corollary 3). `optimality` is $\\nabla_x f$, in the state's structure.
 
-    The state holds $x$, a `RESULTS` code, `krylov_steps` (the total number
-    of Krylov iterations so far, i.e. Hessian-vector products; 0 with a dense
+    The state holds $x$, a `RESULTS` code, `krylov_steps` (the Krylov
+    solver's step counts summed over the Newton steps: for CG one
+    Hessian-vector product each, for GMRES one restart cycle; 0 with a dense
     solver) and the forcing term's history; `status` reports
     `RESULTS.linesearch_failed` when no acceptable step was found (or the
     direction was not a descent direction, e.g. an indefinite Hessian) and
