@@ -132,6 +132,27 @@ def test_inexact_newton_derivatives_are_exact(
         assert relative_error(g, fd) < RTOL_FD
 
 
+@pytest.mark.parametrize(
+    "krylov",
+    [
+        lx.GMRES(rtol=1e-12, atol=1e-12, max_steps=200),
+        lx.BiCGStab(rtol=1e-12, atol=1e-12, max_steps=200),
+    ],
+)
+def test_forcing_with_other_krylov_solvers(logistic, dense_reference, krylov):
+    problem, theta = logistic
+    solver = ig.Newton(problem.objective, linear_solver=krylov)
+
+    def loss(t):
+        return 0.5 * jnp.sum(_solve(solver, t).value ** 2)
+
+    sol = eqx.filter_jit(_solve)(solver, theta)
+    assert sol.result == ig.RESULTS.successful
+    assert relative_error(sol.value, dense_reference[0]) < 1e-10
+    g = jax.jit(jax.grad(loss))(theta)
+    assert relative_error(g, dense_reference[1]) < RTOL_EXACT
+
+
 def test_forcing_saves_krylov_steps_not_accuracy(logistic):
     problem, theta = logistic
     forced = ig.Newton(problem.objective, linear_solver=CG)
