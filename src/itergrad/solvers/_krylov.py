@@ -112,22 +112,30 @@ def newton_direction(
     be closure-converted so that the arrays it closes over are inputs here.
     """
     del tangent_solver
-    gradient, hvp = _linearised_gradient(objective, flat, theta)
+    return _solve_newton_system(*_gradient_and_hessian(objective, flat, theta), primal_solver)
+
+
+def _gradient_and_hessian(
+    objective, flat, theta
+) -> tuple[Float[Array, " n"], lx.FunctionLinearOperator]:
+    """$g = \\nabla f(x)$ and the Hessian as a Lineax operator
+    $v \\mapsto \\nabla^2 f(x) v$ (by `jax.linearize`, so each product costs
+    about one gradient)."""
+    gradient, hvp = jax.linearize(lambda z: jax.grad(objective)(z, theta), flat)
     operator = lx.FunctionLinearOperator(
         hvp, jax.ShapeDtypeStruct(flat.shape, flat.dtype), HESSIAN_TAGS
     )
-    solution = lx.linear_solve(operator, -gradient, primal_solver, throw=False)
+    return gradient, operator
+
+
+def _solve_newton_system(gradient, operator, solver):
+    """`(d, usable, krylov_steps)` for $H d = -g$; see `newton_direction`."""
+    solution = lx.linear_solve(operator, -gradient, solver, throw=False)
     usable = (solution.result == lx.RESULTS.successful) | (
         solution.result == lx.RESULTS.max_steps_reached
     )
     steps = jnp.asarray(solution.stats.get("num_steps", 0), jnp.int32)
     return solution.value, usable, steps
-
-
-def _linearised_gradient(objective, flat, theta):
-    """$g = \\nabla f(x)$ and $v \\mapsto \\nabla^2 f(x) v$ (by `jax.linearize`,
-    so each product costs about one gradient)."""
-    return jax.linearize(lambda z: jax.grad(objective)(z, theta), flat)
 
 
 def _is_none(x: Any) -> bool:
@@ -137,9 +145,9 @@ def _is_none(x: Any) -> bool:
 @newton_direction.def_jvp
 def _newton_direction_jvp(primals, tangents, *, primal_solver, tangent_solver):
     flat, objective, theta = primals
-    direction, usable, steps = newton_direction(
-        flat, objective, theta, primal_solver=primal_solver, tangent_solver=tangent_solver
-    )
+    # One linearisation serves the primal solve and the tangent solve.
+    gradient, operator = _gradient_and_hessian(objective, flat, theta)
+    direction, usable, steps = _solve_newton_system(gradient, operator, primal_solver)
     d_hat = jax.lax.stop_gradient(direction)
     # Differentiate only along the inputs that carry a tangent: the others
     # (typically the data the objective closes over) are constants here.
@@ -155,9 +163,5 @@ def _newton_direction_jvp(primals, tangents, *, primal_solver, tangent_solver):
         return g + hd
 
     _, t_residual = jax.jvp(newton_residual, (diff,), (t_diff,))
-    _, hvp = _linearised_gradient(objective, flat, theta)
-    operator = lx.FunctionLinearOperator(
-        hvp, jax.ShapeDtypeStruct(flat.shape, flat.dtype), HESSIAN_TAGS
-    )
     t_direction = lx.linear_solve(operator, -t_residual, tangent_solver).value
     return (direction, usable, steps), (t_direction, None, None)
