@@ -10,7 +10,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from ._estimators import AbstractEstimator, OneStep
-from ._loop import LoopSettings
+from ._loop import LoopOutput, LoopSettings
 from ._solution import RESULTS, Solution
 from .solvers._base import AbstractSolver, FixedPointIteration
 
@@ -101,7 +101,7 @@ def solve(
     )
 
 
-def _stats(max_steps: int, out: Any) -> dict[str, Any]:
+def _stats(max_steps: int, out: LoopOutput) -> dict[str, Any]:
     stats = {"max_steps": max_steps}
     if out.differentiated_steps is not None:
         stats["differentiated_steps"] = out.differentiated_steps

@@ -164,10 +164,7 @@ def _budget_table(rows, kappa, rule):
     ties, no evidence either way.)"""
     sel = [r for r in rows if r["kappa"] == kappa and r["stepsize"] == rule]
     truncated = [r for r in sel if r["estimator"] == "Truncated"]
-    if truncated:
-        budget = max(truncated, key=lambda r: r["k"])["time_median"]
-    else:
-        budget = max(r["time_median"] for r in sel)
+    budget = max(truncated, key=lambda r: r["k"])["time_median"]
     best = {}
     for name in ESTIMATORS:
         within = [r for r in sel if r["estimator"] == name and r["time_median"] <= budget]
