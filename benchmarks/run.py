@@ -153,6 +153,32 @@ def value_and_grad_of(x_of: Callable) -> Callable:
     return jax.value_and_grad(loss, argnums=1, has_aux=True)
 
 
+def time_methods(
+    methods: dict[str, Callable], args: tuple, size: str, reference: jax.Array,
+    repeats: int, budget_s: float,
+) -> list[dict]:
+    """Time every method's solve and solve + gradient on `args` in one
+    round-robin (`measure`) and return one table row per method, with its
+    gradient's error against `reference`. Each method maps `args` to
+    `(x, iterations)`."""
+    functions = {}
+    for name, x_of in methods.items():
+        functions[(name, "solve")] = (x_of, args)
+        functions[(name, "grad")] = (value_and_grad_of(x_of), args)
+    timings, outputs = measure(functions, repeats, budget_s)
+    rows = []
+    for name in methods:
+        _, steps = outputs[(name, "solve")]
+        (_, _), g = outputs[(name, "grad")]
+        rows.append(
+            _row(
+                size, name, int(steps), timings[(name, "solve")],
+                timings[(name, "grad")], relative_error(g, reference),
+            )
+        )
+    return rows
+
+
 def relative_error(g: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))
 
@@ -266,20 +292,7 @@ def bench_logistic(sizes, repeats, budget_s) -> list[dict]:
         reference = jax.jit(logistic_reference)(problem, theta)
         size = f"{N}x{n_features + 1}"
         log(f"[logistic {size}]")
-        functions = {}
-        for name, x_of in methods.items():
-            functions[(name, "solve")] = (x_of, (problem, theta))
-            functions[(name, "grad")] = (value_and_grad_of(x_of), (problem, theta))
-        timings, outputs = measure(functions, repeats, budget_s)
-        for name in methods:
-            _, steps = outputs[(name, "solve")]
-            (_, _), g = outputs[(name, "grad")]
-            rows.append(
-                _row(
-                    size, name, int(steps), timings[(name, "solve")],
-                    timings[(name, "grad")], relative_error(g, reference),
-                )
-            )
+        rows += time_methods(methods, (problem, theta), size, reference, repeats, budget_s)
         _add_ratios(rows, size, "itergrad Newton + OneStep")
     return rows
 
@@ -361,20 +374,7 @@ def bench_qp(sizes, repeats, budget_s) -> list[dict]:
             name = f"qpax {label} (solver_tol {tol:g}, target_kappa {kappa:g})"
             methods[name] = partial(_qpax_fixed, tol=tol, kappa=kappa)
         log(f"[qp {size}]")
-        functions = {}
-        for name, x_of in methods.items():
-            functions[(name, "solve")] = (x_of, (qp, qp.b))
-            functions[(name, "grad")] = (value_and_grad_of(x_of), (qp, qp.b))
-        timings, outputs = measure(functions, repeats, budget_s)
-        for name in methods:
-            _, steps = outputs[(name, "solve")]
-            (_, _), g = outputs[(name, "grad")]
-            rows.append(
-                _row(
-                    size, name, int(steps), timings[(name, "solve")],
-                    timings[(name, "grad")], relative_error(g, reference),
-                )
-            )
+        rows += time_methods(methods, (qp, qp.b), size, reference, repeats, budget_s)
         _add_ratios(rows, size, f"itergrad InteriorPointQP + OneStep (tol {QP_TOL:g})")
     return rows
 
