@@ -132,7 +132,7 @@ def test_gd_one_step_and_truncated_closed_form(ridge, K):
     def F_K(t):
         x = x_bar
         for _ in range(K):
-            x = solver.step(x, t)
+            x, _ = solver.step(x, None, t)
         return x
 
     assert relative_error(J, central_difference_jacobian(F_K, theta)) < RTOL_FD
@@ -279,5 +279,5 @@ def test_stepsize_validation():
     # A rule with concrete constants resolves to the documented step.
     solver = ig.GradientDescent(f, "2/(L+mu)", L=3.0, mu=1.0)
     np.testing.assert_allclose(
-        solver.step(jnp.ones(2), None), 1 - 0.5 * 2 * jnp.ones(2)
+        solver.step(jnp.ones(2), None, None)[0], 1 - 0.5 * 2 * jnp.ones(2)
     )

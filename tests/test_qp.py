@@ -80,7 +80,7 @@ def problem(request):
 def test_solution_kkt_and_reference(problem):
     qp, sol = problem
     assert sol.result == ig.RESULTS.successful
-    st = sol.state
+    st = sol.state.z
     x, s, z, y = (np.asarray(v) for v in (st.x, st.s, st.z, st.y))
     Q, q, A, b, G, h = (np.asarray(v) for v in (qp.Q, qp.q, qp.A, qp.b, qp.G, qp.h))
     assert np.max(np.abs(Q @ x + q + A.T @ y + G.T @ z)) < KKT_TOL
@@ -262,7 +262,7 @@ def test_random_qp_and_solver_arguments():
         random_qp(jr.PRNGKey(0), 3, 4, 1)
     with pytest.raises(ValueError, match="eta_min"):
         ig.InteriorPointQP(eta_min=1.0)
-    qp = random_qp(jr.PRNGKey(0), 4, 1, 2, dtype=jnp.float32, regularisation=1e-3)
+    qp = random_qp(jr.PRNGKey(0), 4, 1, 2, dtype=jnp.float32, regularization=1e-3)
     assert qp.Q.dtype == jnp.float32 and qp.sizes == (4, 1, 2)
     with pytest.raises(ValueError, match="`x0`"):
         SOLVER.init(jnp.zeros(3), qp)

@@ -35,4 +35,4 @@ def test_readme_python_blocks_run():
 
     g_dense = jax.jit(jax.grad(dense_loss))(weights)
     assert jnp.linalg.norm(ns["grad_cg"] - g_dense) / jnp.linalg.norm(g_dense) < 1e-8
-    assert int(ns["sol"].state.krylov_steps) < problem.n
+    assert int(ns["sol"].state.aux.krylov_steps) < problem.n

@@ -244,7 +244,8 @@ def diagnose(
     """Estimate the quantities of the paper's bounds at the last iterate of
     `sol` and recommend an estimator.
 
-    With $x_k$ the final iterate (the floating-point leaves of `sol.state`):
+    With $x_k$ the final unknowns (`sol.state.z`; the solver's auxiliary
+    state is held fixed, it is no dimension of any estimate):
 
     - $\\rho = \\|J_x F(x_k, \\theta)\\|_{op}$ and
       $L_F = \\|J_\\theta F(x_k, \\theta)\\|_{op}$ by `power_iterations` steps of
@@ -281,8 +282,8 @@ def diagnose(
     **Arguments:**
 
     - `F_or_solver`: the plain step map `F(x, theta)` given to `ig.iterate`
-      (then `sol.state` is $x$), or the `AbstractSolver` given to `ig.solve`
-      (then $F$ is `solver.step` and $x$ the state's floating-point leaves).
+      (then the unknowns are $x$), or the `AbstractSolver` given to `ig.solve`
+      (then $F$ is `solver.step` on the unknowns $z$, auxiliary state fixed).
     - `sol`: the `Solution` of that solve.
     - `theta`: the parameters of that solve.
     - `key`: a `jax.random` key for the power-iteration starts and probes.

@@ -19,8 +19,8 @@ from ._loop import (
     run_loop_without_gradient,
 )
 from ._spectral import auto_truncation, solver_contraction
-from ._tree import tree_where
-from .solvers._base import AbstractSolver
+from ._tree import tree_sub, tree_where
+from .solvers._base import AbstractSolver, State
 
 
 def _stop(tree: PyTree[Any]) -> PyTree[Any]:
@@ -45,11 +45,11 @@ def attach_derivative(primal: PyTree[Any], live: PyTree[Any]) -> PyTree[Any]:
 def replay_last_steps(
     K: int,
     solver: AbstractSolver,
-    state0: PyTree[Any],
+    state0: State,
     theta: PyTree[Any],
     settings: LoopSettings,
     differentiated: Any = None,
-) -> tuple[PyTree[Any], LoopOutput]:
+) -> tuple[State, LoopOutput]:
     """Run the loop without gradients, then replay its last steps with gradients
     live from the stored state $x_{k-K}$.
 
@@ -74,12 +74,14 @@ def replay_last_steps(
     def replay(i, state):
         # Masked so that exactly `live_steps` steps are differentiated; masked
         # iterations leave the state (and its derivative) untouched.
-        stepped = solver.step(state, theta)
+        stepped = State(*solver.step(state.z, state.aux, theta))
         return tree_where(i >= K - live_steps, stepped, state)
 
     live = jax.lax.fori_loop(0, K, replay, start)
     out = dataclasses.replace(out, differentiated_steps=live_steps)
-    return attach_derivative(out.state, live), out
+    # Only the unknowns carry a derivative; the auxiliary state is returned
+    # as the forward loop left it.
+    return State(attach_derivative(out.state.z, live.z), out.state.aux), out
 
 
 class AbstractEstimator(eqx.Module):
@@ -94,11 +96,12 @@ class AbstractEstimator(eqx.Module):
     def run(
         self,
         solver: AbstractSolver,
-        state0: PyTree[Any],
+        state0: State,
         theta: PyTree[Any],
         settings: LoopSettings,
-    ) -> tuple[PyTree[Any], LoopOutput]:
-        """Return `(differentiable final state, forward loop output)`."""
+    ) -> tuple[State, LoopOutput]:
+        """Return `(final state with differentiable unknowns, forward loop
+        output)`."""
 
 
 class Unroll(AbstractEstimator):
@@ -249,8 +252,15 @@ class Truncated(AbstractEstimator):
         max_K = 50 if self.max_K is None else self.max_K
 
         def choose_K(out):
+            # Power iteration starts from the last step z_k - z_{k-1}: for a
+            # linearly converging iteration it is dominated by the slowest
+            # mode, i.e. it is already close to the vector sought (and it
+            # needs no random key).
+            previous = history_entry(out.history, out.steps, 1, max_K).z
+            last_step = tree_sub(out.state.z, previous)
             rho = solver_contraction(
-                solver, _stop(out.state), _stop(theta), self.power_iterations
+                solver, _stop(out.state), _stop(theta), self.power_iterations,
+                start=_stop(last_step),
             )
             return auto_truncation(rho, target, max_K)
 

@@ -13,7 +13,7 @@ from jaxtyping import PyTree
 from ._estimators import AbstractEstimator
 from ._loop import run_loop_without_gradient
 from ._tree import tree_sub
-from .solvers._base import AbstractSolver
+from .solvers._base import AbstractSolver, State
 
 
 class Implicit(AbstractEstimator):
@@ -49,6 +49,18 @@ class Implicit(AbstractEstimator):
     - `condition`: `"optimality"` (default) or `"fixed_point"`.
     - `throw`: raise when the linear solve fails (default `True`); with
       `False` the failed solve's output is returned as it is (often NaN).
+    - `tags`: Lineax tags of $J_z G$ (e.g.
+      `frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})`), which
+      decide what `lx.AutoLinearSolver` picks and are required by `lx.CG`.
+      `None` (default) uses the solver's `optimality_tags` with
+      `condition="optimality"` (symmetric positive semidefinite for the
+      Hessian systems of `GradientDescent` and `Newton`, none otherwise) and
+      no tags with `condition="fixed_point"`. Tags are promises: a wrong one
+      gives a wrong derivative.
+
+    Only the solver's unknowns $z$ enter the system; its auxiliary state
+    (line-search history, quasi-Newton memory, counters) is held at its final
+    value, so the system has the size of $z$ whatever the solver carries.
 
     !!! warning
 
@@ -63,6 +75,7 @@ class Implicit(AbstractEstimator):
         static=True, default="optimality"
     )
     throw: bool = eqx.field(static=True, default=True)
+    tags: frozenset[object] | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if self.condition not in ("optimality", "fixed_point"):
@@ -78,43 +91,49 @@ class Implicit(AbstractEstimator):
 
     def run(self, solver, state0, theta, settings):
         out = run_loop_without_gradient(solver, state0, theta, settings)
-        root, static = eqx.partition(out.state, eqx.is_inexact_array)
-        root = jax.lax.stop_gradient(root)
-        condition_fn = _condition_function(solver, self.condition, static)
+        # The system is square in the unknowns z only: the auxiliary state is
+        # held at its final value, whatever its size or dtype.
+        root = jax.lax.stop_gradient(out.state.z)
+        aux = jax.lax.stop_gradient(out.state.aux)
+        condition_fn = _condition_function(solver, self.condition, aux)
         # Closure conversion turns arrays that the solver or the user's F close
         # over into explicit inputs, so they are differentiated through the
         # custom rule too instead of being silently treated as constants.
         condition_fn = eqx.filter_closure_convert(condition_fn, root, theta)
         live = _implicit_root(
             root, condition_fn, theta, linear_solver=self.linear_solver,
-            throw=self.throw,
+            tags=self._tags(solver), throw=self.throw,
         )
-        return eqx.combine(live, static), out
+        return State(live, out.state.aux), out
+
+    def _tags(self, solver: AbstractSolver) -> frozenset[object]:
+        if self.tags is not None:
+            return frozenset(self.tags)
+        if self.condition == "optimality":
+            return frozenset(solver.optimality_tags)
+        return frozenset()
 
 
 def _condition_function(
-    solver: AbstractSolver, condition: str, static: PyTree[Any]
+    solver: AbstractSolver, condition: str, aux: PyTree[Any]
 ) -> Callable[[PyTree[Any], PyTree[Any]], PyTree[Any]]:
-    def condition_fn(root, theta):
-        state = eqx.combine(root, static)
+    def condition_fn(z, theta):
         if condition == "optimality":
-            residual = solver.optimality(state, theta)
-        else:
-            new_root, _ = eqx.partition(solver.step(state, theta), eqx.is_inexact_array)
-            residual = tree_sub(new_root, root)
-        return residual
+            return solver.optimality(z, aux, theta)
+        new_z, _ = solver.step(z, aux, theta)
+        return tree_sub(new_z, z)
 
     return condition_fn
 
 
 @eqx.filter_custom_jvp
-def _implicit_root(root, condition_fn, theta, *, linear_solver, throw):
-    del condition_fn, theta, linear_solver, throw
+def _implicit_root(root, condition_fn, theta, *, linear_solver, tags, throw):
+    del condition_fn, theta, linear_solver, tags, throw
     return root
 
 
 @_implicit_root.def_jvp
-def _implicit_root_jvp(primals, tangents, *, linear_solver, throw):
+def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw):
     root, condition_fn, theta = primals
     _, t_condition_fn, t_theta = tangents
     # Tangent of G(root, .) in the direction of (condition_fn's closed-over
@@ -135,7 +154,7 @@ def _implicit_root_jvp(primals, tangents, *, linear_solver, throw):
 
     _, t_residual = jax.jvp(g_of_inputs, (diff_inputs,), (t_inputs,))
     operator = lx.JacobianLinearOperator(
-        lambda z, args: condition_fn(z, args), root, theta
+        lambda z, args: condition_fn(z, args), root, theta, tags=tags
     )
     solution = lx.linear_solve(operator, t_residual, linear_solver, throw=throw)
     t_root = jtu.tree_map(lambda t: -t, solution.value)

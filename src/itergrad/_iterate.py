@@ -12,7 +12,7 @@ from jaxtyping import Array, PyTree
 from ._estimators import AbstractEstimator, OneStep
 from ._loop import LoopOutput, LoopSettings
 from ._solution import RESULTS, Solution
-from .solvers._base import AbstractSolver, FixedPointIteration
+from .solvers._base import AbstractSolver, FixedPointIteration, State
 
 
 def _check_settings(estimator, max_steps, rtol, atol):
@@ -83,8 +83,10 @@ def solve(
             f"`solver` must be an itergrad solver, got {type(solver).__name__}; "
             "for a plain step map use `itergrad.iterate(F, x0, theta)`."
         )
-    state0 = solver.init(x0, theta)
-    new_state = eqx.filter_eval_shape(solver.step, state0, theta)
+    state0 = State(*_check_init(solver, solver.init(x0, theta)))
+    new_state = State(
+        *eqx.filter_eval_shape(solver.step, state0.z, state0.aux, theta)
+    )
     _check_structure(state0, new_state, f"{type(solver).__name__}.step")
     settings = LoopSettings(max_steps=max_steps, rtol=float(rtol), atol=float(atol))
     state, out = estimator.run(solver, state0, theta, settings)
@@ -92,13 +94,32 @@ def solve(
     if throw:
         state = result.error_if(state, result != RESULTS.successful)
     return Solution(
-        value=solver.value(state),
+        value=solver.value(state.z),
         steps=out.steps,
         residual=out.residual,
         result=result,
         state=state,
         stats=_stats(max_steps, out),
     )
+
+
+def _check_init(solver: AbstractSolver, init: Any) -> tuple[Any, Any]:
+    name = type(solver).__name__
+    if not (isinstance(init, tuple) and len(init) == 2):
+        raise TypeError(
+            f"{name}.init must return a pair `(z, aux)`: the unknowns and the "
+            f"auxiliary state (`None` if there is none), got {type(init).__name__}."
+        )
+    z, _ = init
+    leaves = jtu.tree_leaves(z)
+    if not leaves or not all(eqx.is_inexact_array(leaf) for leaf in leaves):
+        raise TypeError(
+            f"{name}: the unknowns `z` must be a non-empty pytree of floating-point "
+            "arrays (the implicit function theorem solves for them); keep integer "
+            "or boolean bookkeeping (counters, flags, result codes) in the "
+            f"auxiliary state. Got leaves {[type(leaf).__name__ for leaf in leaves]}."
+        )
+    return init
 
 
 def _stats(max_steps: int, out: LoopOutput) -> dict[str, Any]:

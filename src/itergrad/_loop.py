@@ -16,19 +16,21 @@ from jaxtyping import Array, Int, PyTree, Real
 
 from ._solution import RESULTS
 from ._tree import tree_norm
-from .solvers._base import AbstractSolver, tree_isfinite
+from .solvers._base import AbstractSolver, State, tree_isfinite
 
 
 class LoopOutput(eqx.Module):
     """The forward loop's result.
 
-    `history` holds the last `keep` states *before* the final one, in a ring
-    buffer indexed by step number modulo `keep` (the state entering step `i` is
-    stored at `i % keep`); `None` when `keep == 0`.
+    `state` is the final `State(z, aux)`. `history` holds the last `keep`
+    states *before* the final one (unknowns and auxiliary state: a step cannot
+    be replayed without both), in a ring buffer indexed by step number modulo
+    `keep` (the state entering step `i` is stored at `i % keep`); `None` when
+    `keep == 0`.
     """
 
-    state: PyTree[Any]
-    history: PyTree[Any] | None
+    state: State
+    history: State | None
     steps: Int[Array, ""]
     residual: Real[Array, ""]
     result: RESULTS
@@ -47,8 +49,8 @@ class LoopSettings(eqx.Module):
 
 
 def history_entry(
-    history: PyTree[Any], steps: Int[Array, ""], back: Int[Array, ""], keep: int
-) -> PyTree[Any]:
+    history: State, steps: Int[Array, ""], back: Int[Array, ""], keep: int
+) -> State:
     """The state $s_{k-b}$, `b = back`, from a ring buffer of size `keep`
     (valid when `1 <= back <= min(steps, keep)`)."""
     index = (steps - back) % keep
@@ -57,7 +59,7 @@ def history_entry(
 
 def run_loop(
     solver: AbstractSolver,
-    state0: PyTree[Any],
+    state0: State,
     theta: PyTree[Any],
     settings: LoopSettings,
     *,
@@ -72,7 +74,7 @@ def run_loop(
     `kind="checkpointed"` is reverse-mode differentiable with `checkpoints`
     stored states (`None`: chosen from `max_steps`).
     """
-    inputs_finite = tree_isfinite(state0) & tree_isfinite(theta)
+    inputs_finite = tree_isfinite(state0.z) & tree_isfinite(theta)
     if keep > 0:
         history = jtu.tree_map(
             lambda leaf: jnp.zeros((keep,) + jnp.shape(leaf), jnp.result_type(leaf)),
@@ -80,7 +82,7 @@ def run_loop(
         )
     else:
         history = None
-    dtype = jnp.result_type(*[x for x in jtu.tree_leaves(solver.value(state0))])
+    dtype = jnp.result_type(*[x for x in jtu.tree_leaves(solver.value(state0.z))])
     init = (
         state0,
         history,
@@ -102,14 +104,15 @@ def run_loop(
             history = jtu.tree_map(
                 lambda buf, leaf: buf.at[slot].set(leaf), history, state
             )
-        new_state = solver.step(state, theta)
+        new_z, new_aux = solver.step(state.z, state.aux, theta)
+        new_state = State(new_z, new_aux)
         residual = jnp.asarray(
-            solver.residual_norm(state, new_state, theta), dtype=dtype
+            solver.residual_norm(state.z, new_z, new_aux, theta), dtype=dtype
         )
-        scale = tree_norm(solver.value(new_state))
+        scale = tree_norm(solver.value(new_z))
         converged = residual <= settings.atol + settings.rtol * scale
-        finite = tree_isfinite(new_state) & jnp.isfinite(residual)
-        status = solver.status(new_state)
+        finite = tree_isfinite(new_z) & jnp.isfinite(residual)
+        status = solver.status(new_aux)
         result = RESULTS.where(
             finite,
             RESULTS.where(
@@ -141,7 +144,7 @@ def run_loop(
 
 def run_loop_without_gradient(
     solver: AbstractSolver,
-    state0: PyTree[Any],
+    state0: State,
     theta: PyTree[Any],
     settings: LoopSettings,
     *,

@@ -15,40 +15,38 @@ import jax.random as jr
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Real, Scalar
 
-from .solvers._base import AbstractSolver
+from .solvers._base import AbstractSolver, State
 
 
 class FlatStep(eqx.Module):
-    """The step map $F$ of `solver` as a function of two flat vectors
-    $(x, \\theta)$: the floating-point leaves of the state and of `theta`.
-    Integer/boolean leaves (counters, flags) are held fixed."""
+    """The step map of `solver` on its unknowns, $z \\mapsto F_z(z, a, \\theta)$,
+    as a function of two flat vectors $(x, \\theta)$: the unknowns and the
+    floating-point leaves of `theta`. The auxiliary state $a$ (memory,
+    counters, flags) is held at its value at the point of evaluation: it is
+    not an unknown, so it is no dimension of any Jacobian estimated here."""
 
     solver: AbstractSolver
     x: Float[Array, " n"]
     theta: Float[Array, " m"]
     unravel_x: Callable = eqx.field(static=True)
     unravel_theta: Callable = eqx.field(static=True)
-    state_static: PyTree[Any]
+    aux: PyTree[Any]
     theta_static: PyTree[Any]
 
     def __call__(self, x: Float[Array, " n"], theta: Float[Array, " m"]):
-        state = eqx.combine(self.unravel_x(x), self.state_static)
         th = eqx.combine(self.unravel_theta(theta), self.theta_static)
-        new_state = self.solver.step(state, th)
-        new_x, _ = ravel_pytree(eqx.filter(new_state, eqx.is_inexact_array))
+        new_z, _ = self.solver.step(self.unravel_x(x), self.aux, th)
+        new_x, _ = ravel_pytree(new_z)
         return new_x.astype(x.dtype)
 
 
-def flat_step(
-    solver: AbstractSolver, state: PyTree[Any], theta: PyTree[Any]
-) -> FlatStep:
-    state_dyn, state_static = eqx.partition(state, eqx.is_inexact_array)
+def flat_step(solver: AbstractSolver, state: State, theta: PyTree[Any]) -> FlatStep:
     theta_dyn, theta_static = eqx.partition(theta, eqx.is_inexact_array)
-    x, unravel_x = ravel_pytree(state_dyn)
+    x, unravel_x = ravel_pytree(state.z)
     t, unravel_theta = ravel_pytree(theta_dyn)
     # Estimates are taken at a point, never differentiated through.
-    x, t = jax.lax.stop_gradient((x, t))
-    return FlatStep(solver, x, t, unravel_x, unravel_theta, state_static, theta_static)
+    x, t, aux = jax.lax.stop_gradient((x, t, state.aux))
+    return FlatStep(solver, x, t, unravel_x, unravel_theta, aux, theta_static)
 
 
 def _safe_normalize(v: Array) -> tuple[Array, Scalar]:
@@ -79,11 +77,18 @@ def linear_operator_norm(
     return jnp.linalg.norm(matvec(v))
 
 
-def jacobian_x_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array, ""]:
-    """$\\rho \\approx \\|J_x F(x, \\theta)\\|_{op}$, matrix-free."""
+def jacobian_x_norm(
+    f: FlatStep, key: Array | None, iterations: int, start: Array | None = None
+) -> Real[Array, ""]:
+    """$\\rho \\approx \\|J_x F(x, \\theta)\\|_{op}$, matrix-free, by power
+    iteration from `start` or, when it is `None`, a random vector drawn with
+    `key`."""
     _, jvp = jax.linearize(lambda x: f(x, f.theta), f.x)
-    v0 = jr.normal(key, f.x.shape, f.x.dtype)
-    return linear_operator_norm(jvp, v0, iterations)
+    if start is None:
+        if key is None:
+            raise ValueError("jacobian_x_norm needs a `key` or a `start` vector.")
+        start = jr.normal(key, f.x.shape, f.x.dtype)
+    return linear_operator_norm(jvp, start, iterations)
 
 
 def jacobian_theta_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array, ""]:
@@ -107,13 +112,26 @@ def auto_truncation(rho: Real[Array, ""], target: float, max_K: int) -> Int[Arra
 
 def solver_contraction(
     solver: AbstractSolver,
-    state: PyTree[Any],
+    state: State,
     theta: PyTree[Any],
     iterations: int,
-    key: Array | None = None,
+    *,
+    start: PyTree[Array],
 ) -> Real[Array, ""]:
-    """$\\rho$ at `state`: the operator norm of the step map's state Jacobian."""
-    if key is None:
-        # A fixed start: the estimate is deterministic and needs no user key.
-        key = jr.key(0)
-    return jacobian_x_norm(flat_step(solver, state, theta), key, iterations)
+    """$\\rho$ at `state`: the operator norm of $J_z F_z$, by power iteration
+    from `start` (a pytree shaped like the unknowns, typically the last step
+    $z_k - z_{k-1}$) mixed with a fixed generic vector.
+
+    The last step of a linearly converging iteration is dominated by its
+    slowest mode, so power iteration starts close to the answer; the generic
+    component (entries $\\sin(2\\pi\\varphi i + 1)$, $\\varphi$ the golden
+    ratio: no structure that a problem could be orthogonal to) keeps every
+    direction present, e.g. when the iterate started converged in the slowest
+    mode. No random key is involved: the estimate is deterministic."""
+    f = flat_step(solver, state, theta)
+    step = ravel_pytree(start)[0].astype(f.x.dtype)
+    generic = jnp.sin(2 * jnp.pi * 0.6180339887498949 * jnp.arange(step.size) + 1.0)
+    generic = (generic / jnp.linalg.norm(generic)).astype(f.x.dtype)
+    step_norm = jnp.linalg.norm(step)
+    step = jnp.where(step_norm > 0, step / jnp.where(step_norm > 0, step_norm, 1), 0)
+    return jacobian_x_norm(f, None, iterations, start=step + 0.1 * generic)

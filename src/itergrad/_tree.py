@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
@@ -36,3 +37,11 @@ def tree_where(pred: Any, a: PyTree[Any], b: PyTree[Any]) -> PyTree[Any]:
 def inexact_part(tree: PyTree[Any]) -> tuple[PyTree[Any], PyTree[Any]]:
     """Split `tree` into (floating-point arrays, everything else)."""
     return eqx.partition(tree, eqx.is_inexact_array)
+
+
+def tree_freeze(tree: PyTree[Any]) -> PyTree[Any]:
+    """`jax.lax.stop_gradient` on every array leaf of `tree`, leaving other
+    leaves (functions, Python numbers, static fields) as they are."""
+    return jtu.tree_map(
+        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, tree
+    )

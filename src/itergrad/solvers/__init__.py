@@ -4,9 +4,9 @@ from ._base import (
     AbstractSolver as AbstractSolver,
     FixedPointIteration as FixedPointIteration,
 )
+from ._forcing import EisenstatWalker as EisenstatWalker
 from ._gradient import GradientDescent as GradientDescent, HeavyBall as HeavyBall
 from ._interior_point import InteriorPointQP as InteriorPointQP
-from ._krylov import EisenstatWalker as EisenstatWalker
 from ._newton import (
     AbstractLineSearch as AbstractLineSearch,
     Backtracking as Backtracking,

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree, Scalar
 
@@ -103,8 +104,8 @@ class GradientDescent(AbstractSolver):
     """Gradient descent $x_{k+1} = x_k - \\alpha \\nabla_x f(x_k, \\theta)$
     (Example 1 of the paper).
 
-    The state is the iterate $x$ itself (any pytree of floating-point arrays).
-    `optimality` is $\\nabla_x f(x, \\theta)$, so
+    The unknowns are the iterate $x$ itself (any pytree of floating-point
+    arrays); there is no auxiliary state. `optimality` is $\\nabla_x f(x, \\theta)$, so
     `Implicit(condition="optimality")` solves with the Hessian
     $\\nabla^2_{xx} f$, and `Implicit(condition="fixed_point")` with
     $\\alpha \\nabla^2_{xx} f$ (the same solution).
@@ -146,19 +147,21 @@ class GradientDescent(AbstractSolver):
             )
         check_stepsize("GradientDescent", self.stepsize, self.L, self.mu)
 
+    optimality_tags = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
+
     def init(self, x0, theta):
-        return check_iterate("GradientDescent", x0)
+        return check_iterate("GradientDescent", x0), None
 
-    def step(self, state, theta):
+    def step(self, z, aux, theta):
         alpha = resolve_stepsize(self.stepsize, self.L, self.mu)
-        grad = jax.grad(self.objective)(state, theta)
-        return _axpy(-alpha, grad, state)
+        grad = jax.grad(self.objective)(z, theta)
+        return _axpy(-alpha, grad, z), aux
 
-    def value(self, state):
-        return state
+    def value(self, z):
+        return z
 
-    def optimality(self, state, theta):
-        return jax.grad(self.objective)(state, theta)
+    def optimality(self, z, aux, theta):
+        return jax.grad(self.objective)(z, theta)
 
 
 class _HeavyBallState(eqx.Module):
@@ -170,12 +173,13 @@ class HeavyBall(AbstractSolver):
     """Polyak's heavy-ball method in phase space (Remark 1):
     $x_{k+1} = x_k - \\alpha \\nabla_x f(x_k, \\theta) + \\beta (x_k - x_{k-1})$.
 
-    The state is the pair $(x_k, x_{k-1})$ and the step map is
+    The unknowns are the pair $(x_k, x_{k-1})$ (the step map is a fixed-point
+    map of both, not of $x$ alone) and the step map is
     $F(x, x_{\\mathrm{prev}}) = (x - \\alpha \\nabla_x f(x) + \\beta(x - x_{\\mathrm{prev}}), x)$,
-    started at $(x_0, x_0)$. `optimality` returns the pair
-    $(\\nabla_x f(x, \\theta), x - x_{\\mathrm{prev}})$ in the state's structure
-    (a square system whose Jacobian is invertible when $\\nabla^2_{xx} f$ is);
-    `value` is $x$.
+    started at $(x_0, x_0)$; there is no auxiliary state. `optimality`
+    returns $(\\nabla_x f(x, \\theta), x - x_{\\mathrm{prev}})$: both equations hold
+    at the fixed point, and the system is square and invertible when
+    $\\nabla^2_{xx} f$ is. `value` is $x$.
 
     With Polyak's parameters $\\alpha = 4/(\\sqrt L + \\sqrt\\mu)^2$,
     $\\beta = \\big((\\sqrt\\kappa - 1)/(\\sqrt\\kappa + 1)\\big)^2$, $\\kappa = L/\\mu$,
@@ -216,23 +220,23 @@ class HeavyBall(AbstractSolver):
 
     def init(self, x0, theta):
         x0 = check_iterate("HeavyBall", x0)
-        return _HeavyBallState(x=x0, x_prev=x0)
+        return _HeavyBallState(x=x0, x_prev=x0), None
 
-    def step(self, state, theta):
+    def step(self, z, aux, theta):
         alpha = resolve_stepsize(self.stepsize, self.L, self.mu)
-        grad = jax.grad(self.objective)(state.x, theta)
+        grad = jax.grad(self.objective)(z.x, theta)
         x_new = jtu.tree_map(
             lambda x, xp, g: (x - alpha * g + self.momentum * (x - xp)).astype(x.dtype),
-            state.x,
-            state.x_prev,
+            z.x,
+            z.x_prev,
             grad,
         )
-        return _HeavyBallState(x=x_new, x_prev=state.x)
+        return _HeavyBallState(x=x_new, x_prev=z.x), aux
 
-    def value(self, state):
-        return state.x
+    def value(self, z):
+        return z.x
 
-    def optimality(self, state, theta):
-        grad = jax.grad(self.objective)(state.x, theta)
-        velocity = jtu.tree_map(lambda x, xp: x - xp, state.x, state.x_prev)
+    def optimality(self, z, aux, theta):
+        grad = jax.grad(self.objective)(z.x, theta)
+        velocity = jtu.tree_map(lambda x, xp: x - xp, z.x, z.x_prev)
         return _HeavyBallState(x=grad, x_prev=velocity)

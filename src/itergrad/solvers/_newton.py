@@ -3,26 +3,24 @@ through Lineax (dense factorisation or matrix-free Krylov)."""
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
+from .._linear_solve import linear_solve
 from .._solution import RESULTS
+from .._tree import tree_freeze
 from ._base import AbstractSolver
+from ._forcing import EisenstatWalker, forced_solver, is_forceable
 from ._gradient import check_iterate
-from ._krylov import (
-    HESSIAN_TAGS as _HESSIAN_TAGS,
-    MATRIX_FREE as _MATRIX_FREE,
-    EisenstatWalker,
-    forced_solver,
-    newton_direction,
-)
+
+# The Hessian of a convex objective, as Lineax needs to know it.
+HESSIAN_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
 
 def _roundoff(f0: Scalar) -> Scalar:
@@ -203,97 +201,91 @@ class Wolfe(AbstractLineSearch):
         return t, descent & accepted(t, f, s)
 
 
-class _NewtonState(eqx.Module):
-    x: PyTree[Array]
+class _NewtonAux(eqx.Module):
+    """Newton's auxiliary state (no unknowns here: $z = x$)."""
+
     result: RESULTS
     # Forcing-term history for inexact (Krylov) Newton: the gradient norm and
-    # the forcing term of the previous step. Bookkeeping, not unknowns: they
-    # are computed without derivatives (see `Newton.optimality`).
+    # the forcing term of the previous step, computed without derivatives.
     previous_gradient_norm: Scalar
     previous_forcing: Scalar
-    # Krylov steps so far (Lineax's `num_steps`, summed); 0 when dense.
+    # Krylov steps so far (Lineax's `num_steps`, summed); 0 when direct.
     krylov_steps: Int[Array, ""]
-
-
-def _freeze(tree: PyTree[Any]) -> PyTree[Any]:
-    return jtu.tree_map(
-        lambda leaf: jax.lax.stop_gradient(leaf) if eqx.is_array(leaf) else leaf, tree
-    )
 
 
 class Newton(AbstractSolver):
     """Newton's method with a line search (Example 3):
     $x_{k+1} = x_k - t_k \\nabla^2_{xx} f(x_k, \\theta)^{-1} \\nabla_x f(x_k, \\theta)$.
 
-    The Newton system is solved by Lineax: by default a Cholesky factorisation
-    of the dense Hessian (`jax.jacfwd` of the gradient); with a Krylov solver
-    (`lx.CG(rtol, atol, max_steps)`, `lx.GMRES`, ...) the Hessian is never
-    formed and each Krylov iteration costs one Hessian-vector product
-    (inexact Newton). The step $t_k$ comes from `linesearch` and carries no
-    derivative; near the solution $t_k = 1$, so the one-step estimator
-    differentiates the exact Newton map and is quadratically accurate
-    (Corollary 3). `optimality` is $\\nabla_x f$, in the state's structure.
-
-    The state holds $x$, a `RESULTS` code, `krylov_steps` (the Krylov
+    The unknowns are $z = x$ (any pytree of floating-point arrays);
+    `optimality` is $\\nabla_x f$, so `Implicit()` solves with the Hessian
+    (tagged symmetric positive semidefinite, so `lx.CG` works there too).
+    The auxiliary state holds a `RESULTS` code, `krylov_steps` (the Krylov
     solver's step counts summed over the Newton steps: for CG one
-    Hessian-vector product each, for GMRES one restart cycle; 0 with a dense
-    solver) and the forcing term's history; `status` reports
+    Hessian-vector product each, for GMRES one restart cycle; 0 with a direct
+    solver) and the forcing term's history. `status` reports
     `RESULTS.linesearch_failed` when no acceptable step was found (or the
     direction was not a descent direction, e.g. an indefinite Hessian) and
-    `RESULTS.linear_solve_failed` when the Newton system could not be solved.
-    After a failure the iterate is left unchanged.
+    `RESULTS.linear_solve_failed` when the Newton system could not be solved;
+    after a failure the iterate is left unchanged.
+
+    The Newton system $\\nabla^2 f\\, d = -g$ is solved by Lineax, with the
+    Hessian either materialised (`hessian="dense"`: one linearisation of the
+    gradient and $n$ Hessian-vector products, then e.g. a Cholesky
+    factorisation) or applied matrix-free (`hessian="hvp"`: each product
+    costs about one gradient; use a Krylov `linear_solver` such as
+    `lx.CG(rtol, atol)`: inexact Newton). The step $t_k$ comes from
+    `linesearch` and carries no derivative; near the solution $t_k = 1$, so
+    the one-step estimator differentiates the exact Newton map and is
+    quadratically accurate (Corollary 3).
+
+    **Derivatives of the direction.** Whatever the solver and however loosely
+    the forward system was solved, the direction is differentiated as the
+    exact Newton direction, $\\dot d = H^{-1}(-\\dot g - \\dot H d)$: one
+    third-order directional derivative for $\\dot H d$ (never the derivative
+    of a materialised Hessian or of its factorisation) and one more solve with
+    the same factorisation, or with `linear_solver` at its own `rtol`/`atol`
+    when matrix-free (these tolerances therefore set the derivatives'
+    accuracy). The rule (`itergrad._linear_solve`) applies again at every
+    order, so Hessians of the one-step estimator are exact too.
 
     **Arguments:**
 
     - `objective`: `objective(x, theta) -> scalar`, twice differentiable in
-      `x` (three times for derivatives of the one-step estimator), $x$ any
-      pytree of floating-point arrays.
+      `x` (three times for derivatives of the one-step estimator).
     - `linesearch`: `Backtracking()` (default, Armijo) or `Wolfe()`.
-    - `linear_solver`: a Lineax solver for the Newton system. Default
-      `lx.Cholesky()` (the Hessian is tagged symmetric positive semidefinite);
-      `lx.LU()` assumes no definiteness (an ascent direction is still reported
-      as a line-search failure); `lx.CG(rtol=..., atol=...,
-      max_steps=...)` for matrix-free inexact Newton. A Krylov solver that
-      stops at its `max_steps` still yields a usable (descent) direction.
-      With a Krylov solver, derivatives of the direction are those of the
-      exact Newton direction, $\\dot d = H^{-1}(-\\dot g - \\dot H d)$, solved
-      with this solver at its own `rtol`/`atol` (which therefore set the
-      derivatives' accuracy).
-    - `forcing`: (CG, GMRES, BiCGStab only) how accurately each Newton system
-      is solved in the forward pass. Default `EisenstatWalker()`: loosely far
-      from the solution, ever more tightly near it, never tighter than the
-      solver's `rtol`/`atol` (see `EisenstatWalker`); this cuts the number of
-      Hessian-vector products several-fold and leaves derivatives unchanged.
-      `None` solves every system to the solver's tolerance.
-    - `cheap_derivative`: (dense solvers only; default `True`) differentiate
-      the Newton direction $d = -H^{-1}g$ without going through the Hessian's
-      formation and factorisation: with $\\bar H$ the Hessian held constant,
-      $d$ is computed as $\\hat d + \\big(\\ell - \\mathrm{sg}(\\ell)\\big)$,
-      $\\ell = \\bar H^{-1}\\big(-g(x,\\theta) - \\nabla^2 f(x,\\theta)[\\mathrm{sg}(\\hat d)]\\big)$,
-      whose first derivative is exactly that of $-H^{-1}g$,
-      $dd = H^{-1}(-dg - dH\\,d)$, using one Hessian-vector product and the
-      factorisation already computed. So every estimator's *first*
-      derivative is unchanged (the paper's exact $J^{OS}$), at a fraction of
-      the cost. Second and higher derivatives of the step are not exact; set
-      `cheap_derivative=False` to differentiate the dense Hessian itself
-      (e.g. for `jax.hessian` of the one-step estimator).
+    - `linear_solver`: any Lineax solver for the Newton system. Default
+      `lx.Cholesky()`; `lx.LU()` assumes no definiteness (an ascent direction
+      is still reported as a line-search failure); `lx.CG(rtol=..., atol=...,
+      max_steps=...)` with `hessian="hvp"` for matrix-free inexact Newton. A
+      Krylov solver that stops at its `max_steps` still yields a usable
+      (descent) direction.
+    - `hessian`: `"dense"` (default) materialises the Hessian once per step,
+      so that a factorisation serves the forward solve and every derivative;
+      `"hvp"` never forms it (memory $O(n)$), each operator product being a
+      Hessian-vector product.
+    - `forcing`: (solvers with a `rtol`/`atol` stopping test: CG, GMRES,
+      BiCGStab) how accurately each Newton system is solved in the forward
+      pass. Default `EisenstatWalker()`: loosely far from the solution, ever
+      more tightly near it, never tighter than the solver's `rtol`/`atol`
+      (see `EisenstatWalker`); this cuts the number of Hessian-vector
+      products several-fold and leaves derivatives unchanged. `None` solves
+      every system to the solver's tolerance.
 
     !!! warning
 
         The objective must be strictly convex near the solution: at a point
         with an indefinite Hessian Cholesky fails and the line search reports
-        `RESULTS.linesearch_failed`. With `cheap_derivative=False`,
-        derivatives of the one-step estimator differentiate through the
-        Hessian (third derivatives of `objective`): about the cost of forming
-        the Hessian once more.
+        `RESULTS.linesearch_failed`.
     """
 
     superlinear = True
+    optimality_tags = HESSIAN_TAGS
 
     objective: Callable[[PyTree[Array], PyTree[Any]], Scalar]
     linesearch: AbstractLineSearch = Backtracking()
     linear_solver: lx.AbstractLinearSolver = lx.Cholesky()
-    cheap_derivative: bool = eqx.field(static=True, default=True)
+    hessian: Literal["dense", "hvp"] = eqx.field(static=True, default="dense")
     forcing: EisenstatWalker | None = EisenstatWalker()
 
     def __check_init__(self):
@@ -317,71 +309,71 @@ class Newton(AbstractSolver):
                 "Newton(linear_solver=...) must be a Lineax solver (lx.Cholesky(), "
                 f"lx.LU(), lx.CG(rtol, atol)), got {self.linear_solver!r}."
             )
+        if self.hessian not in ("dense", "hvp"):
+            raise ValueError(
+                f"Newton(hessian=...) must be 'dense' or 'hvp', got {self.hessian!r}."
+            )
 
     def init(self, x0, theta):
         x0 = check_iterate("Newton", x0)
         dtype = ravel_pytree(x0)[0].dtype
-        return _NewtonState(
-            x=x0,
+        aux = _NewtonAux(
             result=RESULTS.successful,
             previous_gradient_norm=jnp.zeros((), dtype),
             previous_forcing=jnp.zeros((), dtype),
             krylov_steps=jnp.zeros((), jnp.int32),
         )
+        return x0, aux
 
-    def step(self, state, theta):
-        flat, unravel = ravel_pytree(state.x)
+    def step(self, z, aux, theta):
+        flat, unravel = ravel_pytree(z)
+        # Arrays the objective closes over become explicit inputs, so that
+        # derivatives reach them through the Hessian operator below.
+        objective = eqx.filter_closure_convert(
+            lambda u, th: self.objective(unravel(u), th), flat, theta
+        )
+        # One linearisation gives f, g and the Hessian-vector product
+        # v -> H v at about the cost of one gradient per product.
+        (f, g), linear = jax.linearize(
+            lambda u: jax.value_and_grad(objective)(u, theta), flat
+        )
+        structure = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+        operator = lx.FunctionLinearOperator(lambda v: linear(v)[1], structure, HESSIAN_TAGS)
+        gradient_norm = jnp.linalg.norm(jax.lax.stop_gradient(g))
 
-        def gradient(z):
-            f, g = jax.value_and_grad(lambda u: self.objective(unravel(u), theta))(z)
-            return g, f
-
-        forcing = state.previous_forcing
-        if isinstance(self.linear_solver, _MATRIX_FREE):
-            g, f = gradient(flat)
-            gradient_norm = jnp.linalg.norm(jax.lax.stop_gradient(g))
-            primal_solver = self.linear_solver
-            if self.forcing is not None:
-                forcing = self.forcing(
-                    gradient_norm, state.previous_gradient_norm, state.previous_forcing
-                )
-                primal_solver = forced_solver(primal_solver, forcing, gradient_norm)
-            # Arrays the objective closes over become explicit inputs, so that
-            # the custom derivative of the direction reaches them too.
-            flat_objective = eqx.filter_closure_convert(
-                lambda z, th: self.objective(unravel(z), th), flat, theta
+        solver, derivative_solver = self.linear_solver, None
+        forcing = aux.previous_forcing
+        if self.forcing is not None and is_forceable(solver):
+            forcing = self.forcing(
+                gradient_norm, aux.previous_gradient_norm, aux.previous_forcing
             )
-            direction, solver_ok, krylov_steps = newton_direction(
-                flat, flat_objective, theta,
-                primal_solver=primal_solver, tangent_solver=self.linear_solver,
+            solver = forced_solver(solver, forcing, gradient_norm)
+            derivative_solver = self.linear_solver
+        solver_state = None
+        if self.hessian == "dense":
+            # Materialised and factorised on stopped values: the derivative
+            # of the direction never goes through the matrix (see
+            # `itergrad._linear_solve`).
+            hessian = jax.lax.stop_gradient(
+                jax.vmap(operator.mv, out_axes=1)(jnp.eye(flat.size, dtype=flat.dtype))
             )
-        else:
-            if self.cheap_derivative:
-                direction, solution, g, f = self._dense_direction(gradient, flat)
-            else:
-                hessian, g, f = _hessian_and_gradient(gradient, flat)
-                operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
-                solution = lx.linear_solve(
-                    operator, -g, self.linear_solver, throw=False
-                )
-                direction = solution.value
-            solver_ok = solution.result == lx.RESULTS.successful
-            krylov_steps = 0
-            gradient_norm = jnp.linalg.norm(jax.lax.stop_gradient(g))
+            solver_state = solver.init(lx.MatrixLinearOperator(hessian, HESSIAN_TAGS), {})
+        newton = linear_solve(
+            operator, -g, solver, state=solver_state, derivative_solver=derivative_solver
+        )
+        direction = newton.value
         # A non-finite direction (Cholesky on an indefinite Hessian) or an ascent
         # one (LU there) is a line-search failure: there is no descent direction.
         # Only a solver failing with a finite output is a linear-solve failure.
-        solve_failed = ~solver_ok & jnp.all(jnp.isfinite(direction))
+        solve_failed = ~newton.usable & jnp.all(jnp.isfinite(direction))
 
         # The line search sees no derivatives: its step is piecewise constant,
         # and reverse mode could not go through its while_loop anyway. The
-        # objective is closure-converted so that arrays it closes over are
-        # frozen too.
-        objective = eqx.filter_closure_convert(self.objective, state.x, theta)
-        frozen_objective, frozen_theta = _freeze((objective, theta))
+        # objective's closed-over arrays are frozen too.
+        frozen_objective, frozen_theta = tree_freeze((objective, theta))
         t, found = self.linesearch(
-            lambda z: frozen_objective(unravel(z), frozen_theta),
-            *_freeze((flat, f, g, direction)),
+            lambda u: frozen_objective(u, frozen_theta),
+            *tree_freeze((flat, f, g, direction)),
         )
         accepted = found & ~solve_failed
         new_flat = jnp.where(accepted, flat + t * direction, flat)
@@ -390,70 +382,19 @@ class Newton(AbstractSolver):
             RESULTS.linear_solve_failed,
             RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
         )
-        return _NewtonState(
-            x=unravel(new_flat),
+        new_aux = _NewtonAux(
             result=result,
             previous_gradient_norm=gradient_norm,
             previous_forcing=jax.lax.stop_gradient(forcing),
-            krylov_steps=state.krylov_steps + krylov_steps,
+            krylov_steps=aux.krylov_steps + newton.steps,
         )
+        return unravel(new_flat), new_aux
 
-    def _dense_direction(self, gradient, flat):
-        """$d = -H^{-1} g$ with the derivative described under
-        `cheap_derivative`: the Hessian is formed and factorised on
-        stopped inputs, and derivatives enter through $g$ and one
-        Hessian-vector product only."""
-        # jacfwd over a stopped point: its (expensive) derivative is never
-        # taken. Closed-over theta may still carry tangents; stop them too.
-        hessian, _, _ = _hessian_and_gradient(gradient, jax.lax.stop_gradient(flat))
-        hessian = jax.lax.stop_gradient(hessian)
-        operator = lx.MatrixLinearOperator(hessian, _HESSIAN_TAGS)
-        state = self.linear_solver.init(operator, {})
-        g, f = gradient(flat)
-        solution = lx.linear_solve(
-            operator, -jax.lax.stop_gradient(g), self.linear_solver, state=state,
-            throw=False,
-        )
-        d_hat = jax.lax.stop_gradient(solution.value)
-        # H(x, theta) d_hat with derivatives live in (x, theta), d_hat fixed.
-        _, hvp = jax.jvp(lambda z: gradient(z)[0], (flat,), (d_hat,))
-        correction = lx.linear_solve(
-            operator, -g - hvp, self.linear_solver, state=state, throw=False
-        ).value
-        direction = d_hat + (correction - jax.lax.stop_gradient(correction))
-        return direction, solution, g, f
+    def value(self, z):
+        return z
 
-    def value(self, state):
-        return state.x
+    def optimality(self, z, aux, theta):
+        return jax.grad(self.objective)(z, theta)
 
-    def optimality(self, state, theta):
-        grad = jax.grad(self.objective)(state.x, theta)
-
-        def bookkeeping(value):
-            # Not an unknown: a residual that is zero with identity Jacobian
-            # keeps the implicit system square and decouples these leaves.
-            return value - jax.lax.stop_gradient(value)
-
-        residual = _NewtonState(
-            x=grad,
-            result=state.result,
-            previous_gradient_norm=bookkeeping(state.previous_gradient_norm),
-            previous_forcing=bookkeeping(state.previous_forcing),
-            krylov_steps=state.krylov_steps,
-        )
-        return eqx.filter(residual, eqx.is_inexact_array)
-
-    def status(self, state):
-        return state.result
-
-
-def _hessian_and_gradient(gradient, flat):
-    """`(Hessian, gradient, value)` in one `jacfwd` pass: the primal of the
-    gradient is computed once, not once per column."""
-
-    def gradient_aux(z):
-        g, f = gradient(z)
-        return g, (g, f)
-
-    hessian, (g, f) = jax.jacfwd(gradient_aux, has_aux=True)(flat)
-    return hessian, g, f
+    def status(self, aux):
+        return aux.result
