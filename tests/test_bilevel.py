@@ -1,10 +1,12 @@
-"""`ig.hypergradient_descent` (eq. 10) on held-out ridge regularization, with
-the closed-form solution as reference, and Corollary 4/5's bounds."""
+"""`ig.hypergradient_descent` and its step `ig.HypergradientDescent` (eq. 10)
+on held-out ridge regularization, with the closed-form solution as reference,
+and Corollary 4/5's bounds checked on problems whose constants are known."""
 
 import importlib.util
 import math
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -105,9 +107,11 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     # J_x F = I - alpha H, J_theta F(x) = -alpha lambda x.
     lam = math.exp(float(theta))
     rho = 1.0 - alpha * (float(eigs[0]) + lam)
+    # The inner iterates, by the gradient step written out (not solver.step).
+    grad_inner = jax.grad(inner)
     iterates = [x0]
     for _ in range(k):
-        iterates.append(solver.step(iterates[-1], theta))
+        iterates.append(iterates[-1] - alpha * grad_inner(iterates[-1], theta))
     xb = x_bar(theta)
     L_F = (
         alpha
@@ -129,21 +133,115 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     np.testing.assert_allclose(float(report.L_J), L_J, rtol=1e-6)
 
 
-def test_corollary5_formulas():
-    rho, L_F, L_J, l_g, l_nabla, M, k = 0.5, 2.0, 3.0, 0.5, 4.0, 1.5, 6
+# Corollary 5 on a problem where every constant is a global bound and the
+# hypergradient is known in closed form: F(x, theta) = rho x + (c/w) sin(w theta)
+# (a rho-contraction; |J_theta F| <= c; J_(x,theta) F = [rho, c cos(w theta)] is
+# c w Lipschitz), g(x) = x (l_g = 1, l_nabla = 0). Then x_bar = (c/w) sin(w
+# theta) / (1 - rho), the hypergradient is h = c cos(w theta) / (1 - rho), and
+# its Lipschitz constant is c w / (1 - rho) = L_J l_g / (1 - rho).
+SINE = dict(rho=0.1, c=0.1, w=10.0)
+
+
+def _sine_problem():
+    rho, c, w = SINE["rho"], SINE["c"], SINE["w"]
+    constants = dict(rho=rho, L_F=c, L_J=c * w, l_g=1.0, l_nabla=0.0)
+
+    def F(x, theta):
+        return rho * x + (c / w) * jnp.sin(w * theta)
+
+    def outer(x, theta):
+        return x
+
+    def h(theta):  # g o x_bar, in closed form
+        return (c / w) * jnp.sin(w * theta) / (1 - rho)
+
+    return F, outer, h, constants
+
+
+def test_corollary5_stepsize_bounds_the_hypergradient_lipschitz_constant():
+    F, outer, h, constants = _sine_problem()
+    alpha = ig.hypergradient_stepsize(**constants)
+    grid = jnp.linspace(-1.0, 1.0, 20001)
+    hypergradient = jax.vmap(jax.grad(h))(grid)
+    lipschitz = float(jnp.max(jnp.abs(jax.vmap(jax.grad(jax.grad(h)))(grid))))
+    np.testing.assert_allclose(lipschitz, constants["L_J"] / 0.9, rtol=1e-6)
+    assert lipschitz <= 1 / alpha
+    assert lipschitz >= 0.5 / alpha  # and not a vacuous bound
+    # The consequence Corollary 5 needs (Lemma 3's descent step): an exact
+    # gradient step of length alpha decreases h by at least alpha/2 |h'|^2.
+    stepped = jax.vmap(h)(grid - alpha * hypergradient)
+    decrease = jax.vmap(h)(grid) - stepped
+    assert bool(jnp.all(decrease >= 0.5 * alpha * hypergradient**2 - 1e-15))
+    # The paper's printed constant (a = L_F/(1 - rho) where sqrt(1 + a^2)
+    # belongs, see `hypergradient_stepsize`) is 8 times too small here, and
+    # its step overshoots: this test is what caught it.
+    rho, L_F, L_J = constants["rho"], constants["L_F"], constants["L_J"]
     a = L_F / (1 - rho)
-    L = (L_J / (1 - rho) * (a + 1) * l_g + l_nabla * a) * a
-    assert math.isclose(ig.hypergradient_stepsize(rho, L_F, L_J, l_g, l_nabla), 1 / L)
-    eps = (
-        rho / (1 - rho) * (L_F * l_g + (L_J * l_g + L_F * l_nabla) * M * rho ** (k - 2))
+    paper_alpha = 1 / (L_J / (1 - rho) * (a + 1) * constants["l_g"] * a)
+    assert lipschitz > 8 / paper_alpha
+    paper_decrease = jax.vmap(h)(grid) - jax.vmap(h)(grid - paper_alpha * hypergradient)
+    assert float(jnp.min(paper_decrease)) < 0
+
+
+def test_onestep_hypergradient_error_within_corollary5_epsilon_on_sine():
+    F, outer, h, constants = _sine_problem()
+    k, x0 = 6, jnp.zeros(())
+    # M >= |x0 - F(x0, theta)| = (c/w) |sin(w theta)| for every theta.
+    M = SINE["c"] / SINE["w"]
+    epsilon = ig.hypergradient_epsilon(**constants, M=M, k=k)
+
+    def onestep(theta):
+        sol = ig.iterate(F, x0, theta, max_steps=k, rtol=0.0, atol=0.0, throw=False)
+        return outer(sol.value, theta)
+
+    thetas = jnp.linspace(-1.0, 1.0, 41)
+    errors = jnp.abs(
+        jax.vmap(jax.grad(onestep))(thetas) - jax.vmap(jax.grad(h))(thetas)
     )
-    assert math.isclose(
-        ig.hypergradient_epsilon(rho, L_F, L_J, l_g, l_nabla, M, k), eps
+    assert float(jnp.max(errors)) <= epsilon
+    # At cos(w theta) = 1 the error is rho c / (1 - rho), Corollary 4's first
+    # term: epsilon is tight up to its rho^(k-2) term.
+    assert float(jnp.max(errors)) >= 0.99 * epsilon / (
+        1 + SINE["c"] * SINE["rho"] ** (k - 2)
     )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_corollary5_stepsize_for_linear_maps_is_attained(seed):
+    # F(x, theta) = A x + B theta with ||A|| <= rho, g(x) = 1/2 x^T C x with
+    # ||C|| = l_nabla: L_J = 0 and the Hessian of g o x_bar is
+    # B^T (I - A)^-T C (I - A)^-1 B, of norm at most l_nabla (L_F/(1 - rho))^2,
+    # with equality for A = rho I and C aligned with B's top singular vector.
+    # (g is not globally Lipschitz, but l_g only enters multiplied by L_J = 0.)
+    n, m, rho, l_nabla = 4, 3, 0.6, 2.0
+    kA, kB, kC = jr.split(jr.key(seed), 3)
+    A = jr.normal(kA, (n, n))
+    A = rho * A / jnp.linalg.norm(A, 2)
+    B = jr.normal(kB, (n, m))
+    L_F = float(jnp.linalg.norm(B, 2))
+    Q, _ = jnp.linalg.qr(jr.normal(kC, (n, n)))
+    C = Q @ jnp.diag(jnp.linspace(-l_nabla, l_nabla, n)) @ Q.T
+    alpha = ig.hypergradient_stepsize(rho, L_F, 0.0, 1.0, l_nabla)
+
+    def hessian_norm(A, C):
+        J = jnp.linalg.solve(jnp.eye(n) - A, B)
+        return float(jnp.linalg.norm(J.T @ C @ J, 2))
+
+    assert hessian_norm(A, C) <= 1 / alpha * (1 + 1e-12)
+    u = jnp.linalg.svd(B)[0][:, 0]
+    aligned = l_nabla * jnp.outer(u, u)
+    np.testing.assert_allclose(
+        hessian_norm(rho * jnp.eye(n), aligned), 1 / alpha, rtol=1e-12
+    )
+
+
+def test_corollary5_argument_errors():
     with pytest.raises(ValueError, match="contraction factor"):
-        ig.hypergradient_stepsize(1.0, L_F, L_J, l_g, l_nabla)
+        ig.hypergradient_stepsize(1.0, 2.0, 3.0, 0.5, 4.0)
     with pytest.raises(ValueError, match="k >= 2"):
-        ig.hypergradient_epsilon(rho, L_F, L_J, l_g, l_nabla, M, 1)
+        ig.hypergradient_epsilon(0.5, 2.0, 3.0, 0.5, 4.0, 1.5, 1)
+    with pytest.raises(ValueError, match="`L_J` must be a non-negative number"):
+        ig.hypergradient_stepsize(0.5, 2.0, -3.0, 0.5, 4.0)
 
 
 def _halving_map(x, theta):
@@ -167,7 +265,7 @@ def test_corollary5_stepsize_option():
     assert history.stats["stepsize"] == ig.hypergradient_stepsize(**constants)
     # Missing constants are estimated at theta0 (diagnose, |grad g|, |hess g|).
     history = ig.hypergradient_descent(
-        _distance_to_one, _halving_map, theta0, x0, **common
+        _distance_to_one, _halving_map, theta0, x0, key=jr.key(0), **common
     )
     # rho = 1/2, L_F = 1, L_J = 0, l_g = |grad g(0)| = sqrt(2), l_nabla = 1.
     expected = ig.hypergradient_stepsize(0.5, 1.0, 0.0, math.sqrt(2.0), 1.0)
@@ -197,6 +295,20 @@ def test_plain_step_map_pytree_warm_start_and_progress():
 def test_argument_errors():
     inner, outer, *_ = _ridge_bilevel()
     solver = ig.Newton(inner)
+    with pytest.raises(ValueError, match="pass `key="):
+        ig.hypergradient_descent(
+            outer, solver, 0.0, jnp.zeros(N_FEATURES), stepsize="corollary5"
+        )
+    with pytest.raises(ValueError, match="`stepsize` must be a positive number"):
+        ig.hypergradient_descent(
+            outer, solver, 0.0, jnp.zeros(N_FEATURES), stepsize=-1.0
+        )
+    with pytest.raises(TypeError, match="`optimizer` must be an optax"):
+        ig.HypergradientDescent(outer, solver, 0.1)
+    with pytest.raises(TypeError, match="`solver` must be an itergrad solver"):
+        ig.HypergradientDescent(outer, 3, optax.sgd(0.1))
+    with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
+        ig.HypergradientDescent(outer, solver, optax.sgd(0.1), max_steps=0)
     with pytest.raises(ValueError, match="not both"):
         ig.hypergradient_descent(
             outer,
@@ -217,3 +329,75 @@ def test_argument_errors():
             stepsize="corollary5",
             constants={"kappa": 1.0},
         )
+
+
+def test_step_in_a_user_loop_matches_the_convenience_loop():
+    inner, outer, *_ = _ridge_bilevel()
+    solver, steps = ig.Newton(inner), 12
+    theta0, x0 = jnp.zeros(()), jnp.zeros(N_FEATURES)  # committed float64
+    history = ig.hypergradient_descent(
+        outer,
+        solver,
+        theta0,
+        x0,
+        optimizer=optax.adam(0.1),
+        steps=steps,
+        progress=False,
+    )
+    method = ig.HypergradientDescent(outer, solver, optax.adam(0.1))
+
+    # A Python loop over the jitted step, traced once.
+    step = eqx.debug.assert_max_traces(max_traces=1)(method.step)
+    step = eqx.filter_jit(step)
+    theta, state = theta0, method.init(theta0, x0)
+    thetas, losses, inner_steps, norms = [theta0], [], [], []
+    for _ in range(steps):
+        theta, state, info = step(theta, state)
+        thetas.append(theta)
+        losses.append(info.loss)
+        inner_steps.append(info.steps)
+        norms.append(info.hypergradient_norm)
+        assert ig.result_name(info.result) == "successful"
+    np.testing.assert_array_equal(jnp.stack(thetas), history.theta)
+    np.testing.assert_array_equal(jnp.stack(losses), history.losses)
+    np.testing.assert_array_equal(jnp.stack(inner_steps), history.steps)
+    np.testing.assert_array_equal(jnp.stack(norms), history.hypergradient_norms)
+    np.testing.assert_array_equal(info.x, history.x)
+    # Warm start: the next inner solve starts from the last solution.
+    np.testing.assert_array_equal(state.x, info.x)
+
+    # The whole outer loop compiled as one lax.scan.
+    @eqx.filter_jit
+    def run(theta, state):
+        def body(carry, _):
+            theta, state, info = method.step(*carry)
+            return (theta, state), (theta, info.loss, info.steps)
+
+        return jax.lax.scan(body, (theta, state), length=steps)
+
+    (theta_last, _), (scan_thetas, scan_losses, scan_steps) = run(
+        theta0, method.init(theta0, x0)
+    )
+    np.testing.assert_allclose(scan_thetas, history.theta[1:], rtol=1e-10)
+    np.testing.assert_allclose(scan_losses, history.losses, rtol=1e-10)
+    np.testing.assert_array_equal(scan_steps, history.steps)
+
+
+def test_cold_start_keeps_x0():
+    method = ig.HypergradientDescent(
+        _distance_to_one,
+        _halving_map,
+        optax.sgd(0.1),
+        ig.Implicit(),
+        warm_start=False,
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    theta, x0 = {"b": jnp.zeros(2)}, {"u": jnp.full(2, 3.0)}
+    state = method.init(theta, x0)
+    theta, state, info = eqx.filter_jit(method.step)(theta, state)
+    np.testing.assert_array_equal(state.x["u"], x0["u"])
+    np.testing.assert_allclose(info.x["u"], 0.0, atol=1e-10)  # fixed point 2 b
+    # h(b) = 1/2 |2 b - 1|^2: hypergradient 2 (2 b - 1) = -2 at b = 0.
+    np.testing.assert_allclose(info.hypergradient["b"], -2.0, rtol=1e-8)
+    np.testing.assert_allclose(theta["b"], 0.2, rtol=1e-8)

@@ -2,6 +2,7 @@
 contractions (DESIGN.md §7) and weighted ridge regression with gradient
 descent."""
 
+import io
 import math
 
 import equinox as eqx
@@ -11,6 +12,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from rich.console import Console
+from rich.protocol import is_renderable
 
 import itergrad as ig
 
@@ -106,7 +109,17 @@ def test_diagnose_under_jit_and_printing():
     for value in (jitted.rho, jitted.L_F, jitted.onestep_bound):
         assert f"{float(value):.4g}" in text
     assert repr(jitted.recommended) in text
-    assert isinstance(jitted.__rich__(), object)
+    # `__rich__` itself (what rich calls, e.g. in a notebook or a Live display)
+    # is a renderable whose rendering carries the same rows and numbers.
+    renderable = jitted.__rich__()
+    assert is_renderable(renderable)
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(renderable)
+    rendered = console.export_text()
+    for name, value in (("rho", jitted.rho), ("L_F", jitted.L_F)):
+        row = next(line for line in rendered.splitlines() if f" {name} " in line)
+        assert f"{float(value):.4g}" in row, (name, row)
+    assert f"recommended: {jitted.recommended!r}" in rendered
 
 
 def test_diagnose_argument_errors():

@@ -1,5 +1,5 @@
 """The problems module: weighted ridge closed forms, logistic regression data,
-the svmlight reader."""
+the svmlight reader, the random QP generator's arguments."""
 
 from pathlib import Path
 
@@ -10,11 +10,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import itergrad as ig
 from itergrad.problems import (
     WeightedRidge,
     flip_labels,
     load_svmlight,
     logistic_data,
+    random_qp,
     ridge_data,
     ridge_lambda,
     standardize,
@@ -108,8 +110,34 @@ def test_flip_labels():
     assert int(mask.sum()) == 10
     np.testing.assert_array_equal(corrupted.y, jnp.where(mask, -problem.y, problem.y))
     np.testing.assert_array_equal(corrupted.A, problem.A)
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(ValueError, match=r"`fraction` must lie in \[0, 1\]"):
         flip_labels(problem, jr.key(1), 1.5)
+
+
+def test_logistic_data_argument_errors():
+    with pytest.raises(ValueError, match="`lam` must be a positive number"):
+        logistic_data(jr.key(0), 10, 2, lam=0.0)
+    with pytest.raises(ValueError, match="`n_features` must be a positive integer"):
+        logistic_data(jr.key(0), 10, 0)
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        logistic_data(jr.key(0), 1, 2)
+
+
+def test_random_qp_regularization_and_arguments():
+    assert ig.QP is ig.problems.QP
+    key = jr.key(0)
+    plain = random_qp(key, 5, 2, 3)
+    shifted = random_qp(key, 5, 2, 3, regularization=0.5)
+    np.testing.assert_allclose(shifted.Q - plain.Q, 0.5 * np.eye(5), atol=1e-12)
+    assert isinstance(plain, ig.QP) and plain.sizes == (5, 2, 3)
+    with pytest.raises(ValueError, match="`regularization` must be a non-negative"):
+        random_qp(key, 5, 2, 3, regularization=-1.0)
+    with pytest.raises(ValueError, match="`n` must be a positive integer"):
+        random_qp(key, 0, 0, 0)
+    with pytest.raises(ValueError, match="`p` must be a non-negative integer"):
+        random_qp(key, 3, 1, -1)
+    with pytest.raises(ValueError, match="`m` must satisfy 0 <= m <= n = 3"):
+        random_qp(key, 3, 4, 1)
 
 
 SVMLIGHT_TEXT = """\

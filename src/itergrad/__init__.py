@@ -5,9 +5,12 @@ See Bolte, Pauwels, Vaiter, *One-step differentiation of iterative algorithms*
 private.
 """
 
-from . import problems as problems
+from . import problems as problems, solvers as solvers
 from ._bilevel import (
     History as History,
+    HypergradientDescent as HypergradientDescent,
+    HypergradientInfo as HypergradientInfo,
+    HypergradientState as HypergradientState,
     hypergradient_descent as hypergradient_descent,
     hypergradient_epsilon as hypergradient_epsilon,
     hypergradient_stepsize as hypergradient_stepsize,
@@ -22,17 +25,25 @@ from ._estimators import (
 from ._implicit import Implicit as Implicit
 from ._iterate import iterate as iterate, solve as solve
 from ._neumann import Neumann as Neumann
-from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solution import (
+    RESULTS as RESULTS,
+    Solution as Solution,
+    result_name as result_name,
+)
+from .problems import QP as QP
 from .solvers import *  # noqa: F403  (each solver module's public names)
-from .solvers import __all__ as _solver_names
 
 __all__ = [
     "AbstractEstimator",
     "DiagnoseReport",
     "History",
+    "HypergradientDescent",
+    "HypergradientInfo",
+    "HypergradientState",
     "Implicit",
     "Neumann",
     "OneStep",
+    "QP",
     "RESULTS",
     "Solution",
     "Truncated",
@@ -43,6 +54,8 @@ __all__ = [
     "hypergradient_stepsize",
     "iterate",
     "problems",
+    "result_name",
     "solve",
-    *_solver_names,
+    "solvers",
 ]
+__all__ += solvers.__all__

@@ -8,6 +8,8 @@ import jax
 import jax.tree_util as jtu
 import lineax as lx
 
+from ._validate import positive_int
+
 
 class Neumann(lx.AbstractLinearSolver):
     """Approximate $M^{-1} b$ by the $k$-term Neumann series
@@ -33,8 +35,7 @@ class Neumann(lx.AbstractLinearSolver):
     k: int = eqx.field(static=True)
 
     def __check_init__(self):
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"Neumann(k) needs a positive integer k, got {self.k!r}.")
+        positive_int(self.k, "Neumann(k=...)")
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         if operator.in_structure() != operator.out_structure():

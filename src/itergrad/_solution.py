@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array, Int, PyTree, Real
 
 
@@ -12,6 +13,11 @@ class RESULTS(eqx.Enumeration):
     Each message says what went wrong and what to change. With `throw=True`
     (the default) any outcome other than `successful` raises an
     `equinox.EquinoxRuntimeError` carrying this message.
+
+    `RESULTS[result]` is the message of a concrete `result`;
+    `itergrad.result_name(result)` its name (e.g. `"successful"`), which is
+    also what `Solution`'s repr shows. Compare results with `==`, also under
+    `jit`: `sol.result == ig.RESULTS.successful`.
     """
 
     successful = ""
@@ -70,3 +76,58 @@ class Solution(eqx.Module):
     result: RESULTS
     state: PyTree[Any]
     stats: dict[str, Any]
+
+    def __repr__(self) -> str:
+        # Equinox prints an enumeration item as `RESULTS<message>`, which is
+        # `RESULTS<>` for success; show the item's name instead.
+        if not isinstance(self.result, RESULTS) or self.result.is_traced():
+            return eqx.tree_pformat(self)
+        named = _Named(f"RESULTS.{result_name(self.result)}")
+        return eqx.tree_pformat(eqx.tree_at(lambda s: s.result, self, named))
+
+
+class _Named:
+    """Prints as the given text (a stand-in in `Solution.__repr__`)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def result_name(result: RESULTS) -> str:
+    """The name of a `RESULTS` value: `result_name(ig.RESULTS.successful)` is
+    `"successful"`.
+
+    Equinox prints enumeration items by their message (`RESULTS<>` for
+    success, a paragraph for a failure); this gives the short name, e.g. for
+    logs and tables: `result_name(sol.result)`.
+
+    **Arguments:**
+
+    - `result`: a `RESULTS` item, concrete (outside `jit`, or returned from a
+      jitted function). Under `jax.vmap` it holds one code per batch element.
+
+    **Returns:** the name as a string; for a batch of results, NumPy's string
+    of the array of names, e.g. `"['successful' 'max_steps_reached']"`.
+
+    **Raises:** `ValueError` when `result` is traced (inside `jit`, `vmap`,
+    ...): its value is not known yet. Branch on it with
+    `result == ig.RESULTS.successful` instead, or return it and name it outside.
+    """
+    if not isinstance(result, RESULTS):
+        raise TypeError(
+            f"`result` must be an `itergrad.RESULTS` item, got {type(result).__name__}."
+        )
+    if result.is_traced():
+        raise ValueError(
+            "`result_name` needs a concrete result, but this one is traced (inside "
+            "`jit`, `vmap`, `grad`, ...). Return it from the transformed function "
+            "and name it outside, or compare it: `result == ig.RESULTS.successful`."
+        )
+    shape = np.shape(np.asarray(result == RESULTS.successful))
+    names = np.full(shape, "", dtype=object)
+    for name, item in RESULTS._name_to_item.items():
+        names = np.where(np.asarray(result == item), name, names)
+    return str(names.item()) if names.shape == () else str(names)

@@ -5,6 +5,7 @@ $L_J \\|x_{k-1} - \\bar x\\|$."""
 
 import itertools
 import math
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -21,7 +22,6 @@ from ._report import (
     floor_positive,
     fmt,
     new_figure,
-    result_name,
     save_figure,
 )
 
@@ -101,12 +101,12 @@ def run(ctx: Context):
     J_norm = float(jnp.linalg.norm(J_bar, ord=2))
     ctx.advance()
 
-    step = eqx.filter_jit(lambda s, t: solver.step(s, t))
-    state = solver.init(x0, theta)
-    iterates = [state.x]
+    step = eqx.filter_jit(solver.step)
+    x, aux = solver.init(x0, theta)
+    iterates = [x]
     for _ in range(K):
-        state = step(state, theta)
-        iterates.append(state.x)
+        x, aux = step(x, aux, theta)
+        iterates.append(x)
     L_J = _estimate_L_J(problem, iterates, theta, x_bar, jr.key(ctx.seed + 1))
     ctx.advance()
 
@@ -125,7 +125,7 @@ def run(ctx: Context):
 
         jacs, x_k, result = eqx.filter_jit(jacobians)(theta)
         dist_prev = float(jnp.linalg.norm(iterates[k - 1] - x_bar))
-        row = dict(
+        row: dict[str, Any] = dict(
             k=k,
             iterate_error=float(jnp.linalg.norm(x_k - x_bar) / jnp.linalg.norm(x_bar)),
             dist_prev=dist_prev,
@@ -134,7 +134,7 @@ def run(ctx: Context):
         )
         for name, (column, _) in ESTIMATORS.items():
             row[column] = float(jnp.linalg.norm(jacs[name] - J_bar, ord=2)) / J_norm
-        row["result"] = result_name(result)
+        row["result"] = ig.result_name(result)
         rows.append(row)
         ctx.advance()
     meta = dict(N=int(problem.A.shape[0]), n=int(problem.n), K=K, L_J=L_J,

@@ -19,7 +19,6 @@ from ._report import (
     claims_table,
     fmt,
     new_figure,
-    result_name,
     save_figure,
     tidy_log_axes,
     time_compiled,
@@ -83,17 +82,19 @@ def _measure(ctx, problem, size, case, autodiff_cap, repeats, rows):
         if method == "Autodiff" and size > autodiff_cap:
             ctx.advance()
             continue
-        if method == "None":
-            def fn(t, estimator=estimator):
-                sol = solution(estimator, t)
-                return 0.5 * jnp.sum(sol.value**2), sol.steps, sol.result
-        else:
-            def fn(t, estimator=estimator):
-                def loss(u):
-                    sol = solution(estimator, u)
-                    return 0.5 * jnp.sum(sol.value**2), (sol.steps, sol.result)
-                g, (steps, result) = jax.grad(loss, has_aux=True)(t)
-                return g, steps, result
+        def loss(u, estimator=estimator):
+            sol = solution(estimator, u)
+            return 0.5 * jnp.sum(sol.value**2), (sol.steps, sol.result)
+
+        def forward(t, loss=loss):
+            value, (steps, result) = loss(t)
+            return value, steps, result
+
+        def gradient(t, loss=loss):
+            g, (steps, result) = jax.grad(loss, has_aux=True)(t)
+            return g, steps, result
+
+        fn = forward if method == "None" else gradient
         median, std, (value, steps, result) = time_compiled(
             eqx.filter_jit(fn), theta, repeats=repeats
         )
@@ -101,7 +102,7 @@ def _measure(ctx, problem, size, case, autodiff_cap, repeats, rows):
             grads[method] = np.asarray(value)
         rows.append(dict(problem=problem, size=size, **sizes, method=method,
                          time_median=median, time_std=std, repeats=repeats,
-                         steps=int(steps), result=result_name(result)))
+                         steps=int(steps), result=ig.result_name(result)))
         ctx.advance()
     g_id = grads["Implicit"]
     scale = np.linalg.norm(g_id)

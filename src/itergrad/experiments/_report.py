@@ -229,15 +229,3 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 5.0, height: fl
         ax.grid(True, which="major", alpha=0.3)
         ax.grid(True, which="minor", alpha=0.08)
     return fig, axes
-
-
-def result_name(result: Any) -> str:
-    """The name of an `itergrad.RESULTS` value (e.g. `"max_steps_reached"`)."""
-    import itergrad as ig
-
-    for name in ("successful", "max_steps_reached", "nonfinite", "linear_solve_failed",
-                 "linesearch_failed", "infeasible"):
-        code = getattr(ig.RESULTS, name, None)
-        if code is not None and bool(result == code):
-            return name
-    return "other"

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, Scalar
 
+from .._validate import in_closed_interval, positive_float, positive_int
+
 
 class LogisticRegression(eqx.Module):
     """The weighted regularized logistic regression of eq. (11),
@@ -75,13 +77,13 @@ def logistic_data(
 
     **Returns:** a `LogisticRegression`.
     """
-    if n_samples < 2 or n_features < 1:
+    n_features = positive_int(n_features, "n_features")
+    if positive_int(n_samples, "n_samples") < 2:
         raise ValueError(
-            "logistic_data needs n_samples >= 2 and n_features >= 1, got "
-            f"n_samples={n_samples}, n_features={n_features}."
+            "logistic_data needs n_samples >= 2 (one sample of each label), got "
+            f"n_samples={n_samples}."
         )
-    if not lam > 0:
-        raise ValueError(f"logistic_data(lam=...) must be positive, got {lam}.")
+    lam = positive_float(lam, "lam")
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     k_label, k_dir, k_noise = jr.split(key, 3)
     y = jnp.where(jr.bernoulli(k_label, 0.5, (n_samples,)), 1.0, -1.0).astype(dtype)
@@ -105,10 +107,7 @@ def flip_labels(
     **Returns:** `(corrupted problem, mask)` where `mask[i]` is `True` for the
     flipped samples (exactly `round(fraction * N)` of them).
     """
-    if not 0 <= fraction <= 1:
-        raise ValueError(
-            f"flip_labels(fraction=...) must lie in [0, 1], got {fraction}."
-        )
+    fraction = in_closed_interval(fraction, "fraction", 0, 1)
     n_samples = problem.y.shape[0]
     n_flip = round(fraction * n_samples)
     chosen = jr.permutation(key, n_samples)[:n_flip]

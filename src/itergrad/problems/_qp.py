@@ -3,10 +3,13 @@
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .._validate import nonnegative_float, nonnegative_int, positive_int
 
 
 class QP(eqx.Module):
@@ -130,7 +133,7 @@ def random_qp(
     p: int,
     *,
     dtype: jnp.dtype | type = jnp.float64,
-    regularisation: float = 0.0,
+    regularization: float = 0.0,
 ) -> QP:
     """A random feasible QP, the generator of Appendix B.1.
 
@@ -149,21 +152,17 @@ def random_qp(
       constraints; `0 <= m <= n`, `p >= 0`.
     - `dtype`: the floating dtype (default `jnp.float64`, which needs
       `jax_enable_x64`; otherwise JAX uses float32).
-    - `regularisation`: $\\lambda \\ge 0$ added to the diagonal of $Q$ (default
+    - `regularization`: $\\lambda \\ge 0$ added to the diagonal of $Q$ (default
       0), for a better conditioned $Q$ (e.g. in float32).
     """
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"random_qp: `n` must be a positive integer, got {n!r}.")
-    if not (isinstance(m, int) and 0 <= m <= n):
+    n = positive_int(n, "n")
+    m = nonnegative_int(m, "m")
+    p = nonnegative_int(p, "p")
+    regularization = nonnegative_float(regularization, "regularization")
+    if m > n:
         raise ValueError(
-            f"random_qp: `m` must be an integer with 0 <= m <= n = {n} (more "
-            f"equality constraints than variables are rank deficient), got {m!r}."
-        )
-    if not (isinstance(p, int) and p >= 0):
-        raise ValueError(f"random_qp: `p` must be a non-negative integer, got {p!r}.")
-    if not regularisation >= 0:
-        raise ValueError(
-            f"random_qp: `regularisation` must be non-negative, got {regularisation!r}."
+            f"random_qp: `m` must satisfy 0 <= m <= n = {n} (more equality "
+            f"constraints than variables are rank deficient), got {m!r}."
         )
     kM, kq, kA, kG, kx, ks = jr.split(key, 6)
 
@@ -171,7 +170,7 @@ def random_qp(
         return jr.uniform(k, shape, dtype, minval=low, maxval=1.0)
 
     M = uniform(kM, (n, n))
-    Q = M.T @ M + regularisation * jnp.eye(n, dtype=dtype)
+    Q = M.T @ M + regularization * jnp.eye(n, dtype=dtype)
     q = uniform(kq, (n,))
     A = uniform(kA, (m, n))
     G = uniform(kG, (p, n))
