@@ -1,0 +1,255 @@
+"""Limited-memory BFGS: the two-loop recursion with a line search, its memory
+kept as auxiliary state."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, Int, PyTree, Scalar
+
+from .._solution import RESULTS
+from .._tree import tree_freeze
+from ._base import AbstractSolver
+from ._gradient import check_iterate
+from ._newton import HESSIAN_TAGS, AbstractLineSearch, Wolfe
+
+
+class _LBFGSAux(eqx.Module):
+    """L-BFGS's auxiliary state. The unknowns are $z = x$ only: the memory is
+    a function of past iterates and carries no derivative."""
+
+    # Ring buffer of the last `memory` pairs s_i = x_{i+1} - x_i,
+    # y_i = g_{i+1} - g_i and rho_i = 1 / <s_i, y_i> (rho_i = 0 marks an
+    # empty or skipped slot, which the two-loop recursion then ignores).
+    s: Float[Array, "m n"]
+    y: Float[Array, "m n"]
+    rho: Float[Array, " m"]
+    # Pairs written so far (the next slot is `count % memory`).
+    count: Int[Array, ""]
+    # The previous iterate and its gradient, so that the pair ending at the
+    # current iterate is formed from the gradient the step computes anyway
+    # (one gradient per step instead of two).
+    x_prev: Float[Array, " n"]
+    g_prev: Float[Array, " n"]
+    has_prev: Array
+    # ||grad f(x_k)|| at the start of the last step: the stopping residual.
+    gradient_norm: Scalar
+    result: RESULTS
+
+
+def two_loop(
+    g: Float[Array, " n"],
+    s: Float[Array, "m n"],
+    y: Float[Array, "m n"],
+    rho: Float[Array, " m"],
+    newest: Int[Array, ""],
+    gamma: Scalar,
+) -> Float[Array, " n"]:
+    """$H g$ by the two-loop recursion (Nocedal & Wright, Algorithm 7.4), with
+    $H_0 = \\gamma I$ and the pairs of a ring buffer whose newest slot is
+    `newest`; slots with $\\rho_i = 0$ are skipped."""
+    m = s.shape[0]
+    order = (newest - jnp.arange(m)) % m  # newest first
+
+    def first(q, i):
+        alpha = rho[i] * jnp.vdot(s[i], q)
+        return q - alpha * y[i], alpha
+
+    q, alphas = jax.lax.scan(first, g, order)
+
+    def second(r, i_alpha):
+        i, alpha = i_alpha
+        beta = rho[i] * jnp.vdot(y[i], r)
+        return r + (alpha - beta) * s[i], None
+
+    r, _ = jax.lax.scan(second, gamma * q, (order[::-1], alphas[::-1]))
+    return r
+
+
+class LBFGS(AbstractSolver):
+    """Limited-memory BFGS with a line search:
+    $x_{k+1} = x_k - t_k H_k \\nabla_x f(x_k, \\theta)$.
+
+    $H_k$ is the L-BFGS approximation of $\\nabla^2_{xx} f^{-1}$ built from
+    the last `memory` pairs $s_i = x_{i+1} - x_i$,
+    $y_i = \\nabla f(x_{i+1}) - \\nabla f(x_i)$ by the two-loop recursion
+    (Nocedal & Wright, Algorithm 7.4) with
+    $H_k^0 = \\frac{\\langle s, y\\rangle}{\\langle y, y\\rangle} I$ from the
+    newest pair (and $H_0 = I / \\|\\nabla f(x_0)\\|$ before any pair). Pairs
+    with $\\langle s, y\\rangle \\le \\varepsilon \\|s\\|\\|y\\|$ are skipped,
+    so $H_k$ stays positive definite whatever the line search. The step $t_k$
+    comes from `linesearch`.
+
+    **Unknowns and auxiliary state.** The unknowns are $z = x$ (any pytree of
+    floating-point arrays). The memory $(s_i, y_i, \\rho_i)$, the previous
+    iterate and gradient, the gradient norm and a `RESULTS` code are
+    auxiliary state: they never enter `Implicit`'s linear system. One
+    gradient is evaluated per step (the pair ending at $x_k$ is formed at the
+    start of the step from the gradient it needs anyway), plus the line
+    search's trial evaluations.
+
+    **Optimality.** `optimality` is $\\nabla_x f$, tagged symmetric positive
+    semidefinite: `Implicit()` differentiates the exact solution,
+    $J_\\theta \\bar x = -\\nabla^2_{xx} f^{-1} \\nabla^2_{x\\theta} f$, dense
+    (default) or matrix-free with
+    `Implicit(linear_solver=lx.CG(rtol, atol))` (Hessian-vector products).
+    `Implicit(condition="fixed_point")` solves with $J_x F - I = -t H_k
+    \\nabla^2_{xx} f$ (memory held): $t H_k$ cancels and the derivative is the
+    same exact one.
+
+    **What `OneStep` differentiates.** The last quasi-Newton step with its
+    memory and step length held fixed:
+    $J^{OS} = -t_{k-1} H_{k-1} \\nabla^2_{x\\theta} f(x_{k-1}, \\theta)$, the
+    exact derivative with $\\nabla^2_{xx} f^{-1}$ replaced by $t H$. We do
+    not differentiate the memory: its pairs depend on $\\theta$ through
+    gradients, and at the solution every such term is multiplied by
+    $\\nabla f(\\bar x) = 0$, so differentiating it would cost more and
+    remove none of the bias. That bias is
+    $J^{OS} - J_\\theta \\bar x = -J_x F\\, J_\\theta \\bar x$ at the fixed
+    point, with $J_x F = I - t H \\nabla^2_{xx} f$: L-BFGS is superlinear in
+    neither sense of the paper ($H_k$ matches the inverse Hessian only along
+    the recent steps, not on the range of $\\nabla^2_{x\\theta} f$), so the
+    error does **not** vanish as $x_k \\to \\bar x$. On a logistic
+    regression ($N = 200$, $n = 51$) it plateaus at a relative error of about
+    $10^{-1}$ to $10^{-2}$ while `Implicit` is exact to
+    $10^{-12}$ (`benchmarks/lbfgs_lasso.py --onestep`,
+    `benchmarks/results/lbfgs_onestep.png`). `Truncated(K)` multiplies the
+    bias by the product of $K$ such $J_x F$ (memory held at each step) and
+    decreases slowly with $K$.
+
+    **Arguments:**
+
+    - `objective`: `objective(x, theta) -> scalar`, differentiable in `x`
+      (twice for `Implicit`, `OneStep` and `Truncated`).
+    - `memory`: the number of pairs kept, a positive integer (default 10).
+    - `linesearch`: `Wolfe()` (default; its curvature condition keeps
+      $\\langle s, y\\rangle > 0$ on non-convex objectives) or
+      `Backtracking()` (cheaper per trial: a value, no gradient; enough for
+      strictly convex objectives, where $\\langle s, y\\rangle > 0$ always).
+
+    The stopping residual (`residual_norm`) is $\\|\\nabla_x f(x_k)\\|$ at the
+    start of the last step. `status` reports `RESULTS.linesearch_failed`
+    when no acceptable step was found; the iterate is then left unchanged.
+
+    !!! warning
+
+        `OneStep()` and `Truncated(K)` are biased at every accuracy with
+        L-BFGS (see above); use `Implicit()`, or `Newton` for a one-step
+        estimator that is exact at the solution.
+    """
+
+    objective: Callable[[PyTree[Array], PyTree[Any]], Scalar]
+    memory: int = eqx.field(static=True, default=10)
+    linesearch: AbstractLineSearch = Wolfe()
+
+    optimality_tags = HESSIAN_TAGS
+
+    def __check_init__(self):
+        if not callable(self.objective):
+            raise TypeError(
+                "LBFGS(objective, ...) needs a callable objective(x, theta) -> "
+                f"scalar, got {type(self.objective).__name__}."
+            )
+        if (
+            not isinstance(self.memory, int)
+            or isinstance(self.memory, bool)
+            or self.memory < 1
+        ):
+            raise ValueError(
+                f"LBFGS(memory=...) must be a positive integer, got {self.memory!r}."
+            )
+        if not isinstance(self.linesearch, AbstractLineSearch):
+            raise TypeError(
+                "LBFGS(linesearch=...) must be an itergrad line search "
+                f"(ig.Wolfe(), ig.Backtracking()), got {self.linesearch!r}."
+            )
+
+    def init(self, x0, theta):
+        x0 = check_iterate("LBFGS", x0)
+        flat, _ = ravel_pytree(x0)
+        n, dtype = flat.size, flat.dtype
+        aux = _LBFGSAux(
+            s=jnp.zeros((self.memory, n), dtype),
+            y=jnp.zeros((self.memory, n), dtype),
+            rho=jnp.zeros((self.memory,), dtype),
+            count=jnp.zeros((), jnp.int32),
+            x_prev=jnp.zeros((n,), dtype),
+            g_prev=jnp.zeros((n,), dtype),
+            has_prev=jnp.array(False),
+            gradient_norm=jnp.array(jnp.inf, dtype),
+            result=RESULTS.successful,
+        )
+        return x0, aux
+
+    def step(self, z, aux, theta):
+        flat, unravel = ravel_pytree(z)
+        dtype = flat.dtype
+        # Arrays the objective closes over become explicit inputs, so that
+        # derivatives reach them through the gradient below.
+        objective = eqx.filter_closure_convert(
+            lambda u, th: self.objective(unravel(u), th), flat, theta
+        )
+        f, g = jax.value_and_grad(objective)(flat, theta)
+        g = g.astype(dtype)
+
+        # The pair ending at x_k. The memory is a function of past iterates:
+        # it carries no derivative (see the class docstring).
+        s_new, y_new = jax.lax.stop_gradient((flat - aux.x_prev, g - aux.g_prev))
+        sy = jnp.vdot(s_new, y_new)
+        eps = jnp.finfo(dtype).eps
+        keep = aux.has_prev & (
+            sy > eps * jnp.linalg.norm(s_new) * jnp.linalg.norm(y_new)
+        )
+        slot = aux.count % self.memory
+        s_mem = jnp.where(keep, aux.s.at[slot].set(s_new), aux.s)
+        y_mem = jnp.where(keep, aux.y.at[slot].set(y_new), aux.y)
+        rho_mem = jnp.where(
+            keep, aux.rho.at[slot].set(1 / jnp.where(keep, sy, 1)), aux.rho
+        )
+        count = aux.count + keep.astype(aux.count.dtype)
+        newest = (count - 1) % self.memory
+
+        gradient_norm = jnp.linalg.norm(jax.lax.stop_gradient(g))
+        yy = jnp.vdot(y_mem[newest], y_mem[newest])
+        gamma = jnp.where(
+            count > 0,
+            1 / jnp.where(count > 0, rho_mem[newest] * yy, 1),
+            1 / jnp.where(gradient_norm > 0, gradient_norm, 1),
+        )
+        # Linear in g with the memory held: the direction's derivative is
+        # -H dg (the quasi-Newton step's).
+        direction = -two_loop(g, s_mem, y_mem, rho_mem, newest, gamma)
+
+        frozen_objective, frozen_theta = tree_freeze((objective, theta))
+        t, found = self.linesearch(
+            lambda u: frozen_objective(u, frozen_theta),
+            *tree_freeze((flat, f, g, direction)),
+        )
+        new_flat = jnp.where(found, flat + t * direction, flat).astype(dtype)
+        new_aux = _LBFGSAux(
+            s=s_mem,
+            y=y_mem,
+            rho=rho_mem,
+            count=count,
+            x_prev=jax.lax.stop_gradient(flat),
+            g_prev=jax.lax.stop_gradient(g),
+            has_prev=jnp.array(True),
+            gradient_norm=gradient_norm,
+            result=RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
+        )
+        return unravel(new_flat), new_aux
+
+    def value(self, z):
+        return z
+
+    def optimality(self, z, aux, theta):
+        return jax.grad(self.objective)(z, theta)
+
+    def residual_norm(self, z, new_z, new_aux, theta):
+        return new_aux.gradient_norm
+
+    def status(self, aux):
+        return aux.result
