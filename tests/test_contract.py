@@ -224,3 +224,24 @@ def test_linear_solve_derivative_is_that_of_the_exact_solve(kind):
         H = jax.jacfwd(jax.jacrev(lambda s: u_of(s)[0]))(t)
         H_exact = jax.hessian(lambda s: exact(s)[0])(t)
         np.testing.assert_allclose(H, H_exact, rtol=1e-9, atol=1e-10)
+
+
+def test_implicit_tags_let_cg_solve_the_hessian_system():
+    # Newton's optimality condition is a Hessian system: Implicit tags it
+    # symmetric positive semidefinite by default, so lx.CG applies (Lineax
+    # refuses CG on an untagged operator).
+    objective, solution, _ = _ridge()
+    theta = jnp.linspace(0.5, 2.0, N)
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=100)
+
+    def x_of(t, estimator):
+        return ig.solve(ig.Newton(objective), jnp.zeros(N), t, estimator=estimator).value
+
+    J = jax.jacrev(lambda t: x_of(t, ig.Implicit(linear_solver=cg)))(theta)
+    assert relative_error(J, jax.jacfwd(solution)(theta)) < 1e-10
+    assert relative_error(J, central_difference_jacobian(solution, theta)) < 1e-7
+    # Without the tags (an explicit empty set) CG is refused with Lineax's message.
+    with pytest.raises(ValueError, match="positive"):
+        jax.jacrev(lambda t: x_of(t, ig.Implicit(linear_solver=cg, tags=frozenset())))(
+            theta
+        )

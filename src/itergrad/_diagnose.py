@@ -18,12 +18,15 @@ from ._estimators import AbstractEstimator, OneStep, Truncated
 from ._implicit import Implicit
 from ._solution import Solution
 from ._spectral import (
+    DEFAULT_MAX_K,
+    DEFAULT_POWER_ITERATIONS,
     FlatStep,
     flat_step,
     jacobian_theta_norm,
     jacobian_x_norm,
     linear_operator_norm,
 )
+from ._validate import positive_int
 from .solvers._base import AbstractSolver, FixedPointIteration
 
 
@@ -236,9 +239,9 @@ def diagnose(
     key: PRNGKeyArray,
     probes: int = 4,
     target: float = 1e-4,
-    power_iterations: int = 50,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     L_J: float | Real[Array, ""] | None = None,
-    max_K: int = 100,
+    max_K: int = DEFAULT_MAX_K,
     linear_solver: lx.AbstractLinearSolver | None = None,
 ) -> DiagnoseReport:
     """Estimate the quantities of the paper's bounds at the last iterate of
@@ -290,10 +293,12 @@ def diagnose(
     - `probes`: number of random directions for `disagreement` (default 4).
     - `target`: the relative derivative error the recommendation aims for
       (default `1e-4`).
-    - `power_iterations`: power-iteration steps per norm (default 50).
+    - `power_iterations`: power-iteration steps per norm (default 30, as
+      `Truncated("auto")`).
     - `L_J`: a known Lipschitz constant of $J_\\theta F$ in $x$; `None`
       (default) estimates it as above.
-    - `max_K`: the largest `K` considered for `Truncated(K)` (default 100).
+    - `max_K`: the largest `K` considered for `Truncated(K)` (default 100, as
+      `Truncated("auto")`).
     - `linear_solver`: the Lineax solver for the implicit JVPs (default GMRES).
 
     **Returns:** a `DiagnoseReport`.
@@ -320,8 +325,7 @@ def diagnose(
         ("power_iterations", power_iterations),
         ("max_K", max_K),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        positive_int(value, name)
     if not isinstance(target, int | float) or not target > 0:
         raise ValueError(f"`target` must be a positive number, got {target!r}.")
     if isinstance(F_or_solver, AbstractSolver):

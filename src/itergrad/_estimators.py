@@ -18,8 +18,14 @@ from ._loop import (
     run_loop,
     run_loop_without_gradient,
 )
-from ._spectral import auto_truncation, solver_contraction
+from ._spectral import (
+    DEFAULT_MAX_K,
+    DEFAULT_POWER_ITERATIONS,
+    auto_truncation,
+    solver_contraction,
+)
 from ._tree import tree_sub, tree_where
+from ._validate import positive_int
 from .solvers._base import AbstractSolver, State
 
 
@@ -65,6 +71,7 @@ def replay_last_steps(
         differentiated = differentiated(out)
     steps = out.steps
     live_steps = jnp.minimum(steps, K if differentiated is None else differentiated)
+    assert out.history is not None  # keep=K >= 1 states were stored
     start = tree_where(
         steps > live_steps,
         history_entry(out.history, steps, live_steps, K),
@@ -138,8 +145,8 @@ class Unroll(AbstractEstimator):
             raise ValueError(
                 f"Unroll(mode=...) must be 'reverse' or 'forward', got {self.mode!r}."
             )
-        if self.checkpoints is not None and self.checkpoints < 1:
-            raise ValueError("Unroll(checkpoints=...) must be a positive integer.")
+        if self.checkpoints is not None:
+            positive_int(self.checkpoints, "Unroll(checkpoints=...)")
 
     def run(self, solver, state0, theta, settings):
         if self.mode == "forward":
@@ -169,7 +176,7 @@ class Truncated(AbstractEstimator):
     Cost: $K \\omega C_F$ time and $K n$ memory for the stored states; every AD
     mode works (plain `stop_gradient` program, no custom rule).
 
-    **Automatic K.** `Truncated("auto", target=1e-4, max_K=50)` estimates
+    **Automatic K.** `Truncated("auto", target=1e-4, max_K=100)` estimates
     $\\rho = \\|J_x F(x_k, \\theta)\\|_{op}$ at the final iterate by
     `power_iterations` steps of matrix-free power iteration (one JVP and one
     VJP of $F$ each, inside the same jitted computation) and differentiates
@@ -189,9 +196,11 @@ class Truncated(AbstractEstimator):
       `"auto"`.
     - `target`: (`"auto"` only) the relative bias to reach; default `1e-4`.
     - `max_K`: (`"auto"` only) the largest $K$, a static positive integer;
-      default `50`.
+      default `100` (the same default as `diagnose`).
     - `power_iterations`: (`"auto"` only) power-iteration steps for $\\rho$;
-      default `20`.
+      default `30` (as `diagnose`), started from the last step
+      $z_k - z_{k-1}$ mixed with a fixed generic vector, so that no random
+      key is needed and the estimate is deterministic.
 
     !!! warning
 
@@ -207,12 +216,12 @@ class Truncated(AbstractEstimator):
     K: int | Literal["auto"] = eqx.field(static=True)
     target: float | None = eqx.field(static=True, default=None)
     max_K: int | None = eqx.field(static=True, default=None)
-    power_iterations: int = eqx.field(static=True, default=20)
+    power_iterations: int = eqx.field(static=True, default=DEFAULT_POWER_ITERATIONS)
 
     def __check_init__(self):
         if self.K == "auto":
             target = 1e-4 if self.target is None else self.target
-            max_K = 50 if self.max_K is None else self.max_K
+            max_K = DEFAULT_MAX_K if self.max_K is None else self.max_K
             if isinstance(target, bool) or not isinstance(target, int | float) or not (
                 0 < target
             ):
@@ -220,20 +229,8 @@ class Truncated(AbstractEstimator):
                     "Truncated('auto', target=...) needs a positive relative bias "
                     f"target such as 1e-4, got {self.target!r}."
                 )
-            if not isinstance(max_K, int) or isinstance(max_K, bool) or max_K < 1:
-                raise ValueError(
-                    "Truncated('auto', max_K=...) needs a positive integer (the "
-                    f"ring-buffer size), got {self.max_K!r}."
-                )
-            if (
-                not isinstance(self.power_iterations, int)
-                or isinstance(self.power_iterations, bool)
-                or self.power_iterations < 1
-            ):
-                raise ValueError(
-                    "Truncated('auto', power_iterations=...) needs a positive "
-                    f"integer, got {self.power_iterations!r}."
-                )
+            positive_int(max_K, "Truncated('auto', max_K=...)")
+            positive_int(self.power_iterations, "Truncated('auto', power_iterations=...)")
             return
         if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
             raise ValueError(
@@ -249,14 +246,15 @@ class Truncated(AbstractEstimator):
         if self.K != "auto":
             return replay_last_steps(self.K, solver, state0, theta, settings)
         target = 1e-4 if self.target is None else float(self.target)
-        max_K = 50 if self.max_K is None else self.max_K
+        max_K = DEFAULT_MAX_K if self.max_K is None else self.max_K
 
         def choose_K(out):
             # Power iteration starts from the last step z_k - z_{k-1}: for a
             # linearly converging iteration it is dominated by the slowest
             # mode, i.e. it is already close to the vector sought (and it
             # needs no random key).
-            previous = history_entry(out.history, out.steps, 1, max_K).z
+            assert out.history is not None
+            previous = history_entry(out.history, out.steps, jnp.array(1), max_K).z
             last_step = tree_sub(out.state.z, previous)
             rho = solver_contraction(
                 solver, _stop(out.state), _stop(theta), self.power_iterations,

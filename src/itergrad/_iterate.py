@@ -10,8 +10,10 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from ._estimators import AbstractEstimator, OneStep
+from ._guard import guard
 from ._loop import LoopOutput, LoopSettings
 from ._solution import RESULTS, Solution
+from ._validate import nonnegative_float, positive_int
 from .solvers._base import AbstractSolver, FixedPointIteration, State
 
 
@@ -22,11 +24,11 @@ def _check_settings(estimator, max_steps, rtol, atol):
             "ig.Truncated(K), ig.Implicit(), ig.Unroll()), got "
             f"{type(estimator).__name__}."
         )
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"`max_steps` must be a positive integer, got {max_steps!r}.")
+    positive_int(max_steps, "max_steps")
     for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(tol, int | float) or not tol >= 0:
+        if not isinstance(tol, int | float):
             raise ValueError(f"`{name}` must be a non-negative number, got {tol!r}.")
+        nonnegative_float(tol, name)
 
 
 def _check_structure(old, new, what):
@@ -92,7 +94,13 @@ def solve(
     state, out = estimator.run(solver, state0, theta, settings)
     result = out.result
     if throw:
-        state = result.error_if(state, result != RESULTS.successful)
+        # On the unknowns' derivative path too: under jit(grad(...)) the
+        # primal output may never be used (see `itergrad._guard`).
+        failed = result != RESULTS.successful
+        aux = state.aux
+        if jtu.tree_leaves(eqx.filter(aux, eqx.is_array)):
+            aux = result.error_if(aux, failed)
+        state = State(guard(state.z, result, failed), aux)
     return Solution(
         value=solver.value(state.z),
         steps=out.steps,
@@ -123,7 +131,7 @@ def _check_init(solver: AbstractSolver, init: Any) -> tuple[Any, Any]:
 
 
 def _stats(max_steps: int, out: LoopOutput) -> dict[str, Any]:
-    stats = {"max_steps": max_steps}
+    stats: dict[str, Any] = {"max_steps": max_steps}
     if out.differentiated_steps is not None:
         stats["differentiated_steps"] = out.differentiated_steps
     return stats

@@ -38,6 +38,7 @@ def linear_solve(
     *,
     state: Any = None,
     derivative_solver: lx.AbstractLinearSolver | None = None,
+    refinement_steps: int = 0,
 ) -> SolveOutput:
     """Solve $M u = r$ with `solver` (reusing a precomputed solver `state`,
     e.g. a factorisation, when given), with the derivative
@@ -57,31 +58,45 @@ def linear_solve(
     Reverse mode comes by transposition (Lineax transposes the solve); higher
     derivatives apply the same rule again, so they are exact too.
 
+    `refinement_steps` steps of iterative refinement,
+    $u \\leftarrow u + M^{-1}(r - M u)$, improve the value when $M$ is
+    ill-conditioned (the interior-point KKT matrix near the end): each costs
+    one product and one solve with the existing factorisation.
+
     `state` must not depend on anything being differentiated (build it from
     `jax.lax.stop_gradient` inputs): the derivative never goes through it.
     """
     # Solver settings computed from the iterate (a forcing tolerance) are
     # parameters of the algorithm, not quantities to differentiate.
     solver, derivative_solver, state = tree_freeze((solver, derivative_solver, state))
-    return _solve(operator, vector, state, solver=solver, derivative_solver=derivative_solver)
+    return _solve(
+        operator, vector, state, solver=solver, derivative_solver=derivative_solver,
+        refinement_steps=refinement_steps,
+    )
 
 
-def _primal_solve(operator, vector, state, solver) -> SolveOutput:
-    if state is None:
-        solution = lx.linear_solve(operator, vector, solver, throw=False)
-    else:
-        solution = lx.linear_solve(operator, vector, solver, state=state, throw=False)
+def _primal_solve(operator, vector, state, solver, refinement_steps) -> SolveOutput:
+    def solve(rhs):
+        if state is None:
+            return lx.linear_solve(operator, rhs, solver, throw=False)
+        return lx.linear_solve(operator, rhs, solver, state=state, throw=False)
+
+    solution = solve(vector)
+    value = solution.value
+    for _ in range(refinement_steps):
+        residual = jtu.tree_map(lambda r, m: r - m, vector, operator.mv(value))
+        value = jtu.tree_map(lambda u, d: u + d, value, solve(residual).value)
     usable = (solution.result == lx.RESULTS.successful) | (
         solution.result == lx.RESULTS.max_steps_reached
     )
     steps = jnp.asarray(solution.stats.get("num_steps", 0), jnp.int32)
-    return SolveOutput(solution.value, usable, steps)
+    return SolveOutput(value, usable, steps)
 
 
 @eqx.filter_custom_jvp
-def _solve(operator, vector, state, *, solver, derivative_solver):
+def _solve(operator, vector, state, *, solver, derivative_solver, refinement_steps=0):
     del derivative_solver
-    return _primal_solve(operator, vector, state, solver)
+    return _primal_solve(operator, vector, state, solver, refinement_steps)
 
 
 def _is_none(x: Any) -> bool:
@@ -89,12 +104,15 @@ def _is_none(x: Any) -> bool:
 
 
 @_solve.def_jvp
-def _solve_jvp(primals, tangents, *, solver, derivative_solver):
+def _solve_jvp(primals, tangents, *, solver, derivative_solver, refinement_steps=0):
     operator, vector, state = primals
     t_operator, t_vector, _ = tangents
     # The primal through `_solve` itself (not stopped), so that a second
     # derivative applies this rule again to u and to the solve below.
-    out = _solve(operator, vector, state, solver=solver, derivative_solver=derivative_solver)
+    out = _solve(
+        operator, vector, state, solver=solver, derivative_solver=derivative_solver,
+        refinement_steps=refinement_steps,
+    )
     u = out.value
 
     rhs = jtu.tree_map(jnp.zeros_like, u)
@@ -117,4 +135,5 @@ def _solve_jvp(primals, tangents, *, solver, derivative_solver):
         t_value = _solve(
             operator, rhs, None, solver=derivative_solver, derivative_solver=None
         ).value
-    return out, SolveOutput(t_value, None, None)
+    # Booleans and integers carry no tangent: None in their slots.
+    return out, SolveOutput(t_value, None, None)  # pyright: ignore[reportArgumentType]

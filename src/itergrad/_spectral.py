@@ -17,6 +17,14 @@ from jaxtyping import Array, Float, Int, PyTree, Real, Scalar
 
 from .solvers._base import AbstractSolver, State
 
+# One set of defaults for every estimate of this module's kind, shared by
+# `Truncated("auto")` and `diagnose`.
+DEFAULT_MAX_K = 100
+"""The largest K considered for truncation (`Truncated("auto")`'s ring buffer)."""
+DEFAULT_POWER_ITERATIONS = 30
+"""Power-iteration steps per operator norm: the estimate approaches the norm
+from below like $(\\sigma_2/\\sigma_1)^{60}$."""
+
 
 class FlatStep(eqx.Module):
     """The step map of `solver` on its unknowns, $z \\mapsto F_z(z, a, \\theta)$,

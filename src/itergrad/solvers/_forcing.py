@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Scalar
 
+from .._validate import in_open_interval
+
 # The Lineax solvers whose stopping test is
 # `norm(residual / (atol + rtol |b|)) <= 1`, which a forcing term can drive
 # (LSMR's tolerances mean something else; direct solvers have none).
@@ -52,10 +54,7 @@ class EisenstatWalker(eqx.Module):
             raise ValueError(f"EisenstatWalker(gamma=...) must lie in (0, 1], got {self.gamma}.")
         if not 1 < self.alpha <= 2:
             raise ValueError(f"EisenstatWalker(alpha=...) must lie in (1, 2], got {self.alpha}.")
-        if not 0 < self.eta_max < 1:
-            raise ValueError(
-                f"EisenstatWalker(eta_max=...) must lie in (0, 1), got {self.eta_max}."
-            )
+        in_open_interval(self.eta_max, "EisenstatWalker(eta_max=...)", 0, 1)
 
     def __call__(
         self, gradient_norm: Scalar, previous_gradient_norm: Scalar, previous_eta: Scalar

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Scalar
 
 from .._linear_solve import linear_solve
 from .._solution import RESULTS
+from .._validate import in_open_interval, nonnegative_float, positive_float
 from ..problems._qp import QP, check_qp
 from ._base import AbstractSolver
 
@@ -131,7 +132,12 @@ def _kkt_solver(
 
     def solve(a1, a2, a3):
         r = jnp.concatenate([a1, a2, c * a3])
-        u = linear_solve(operator, r, _LU, state=factorisation).value
+        # One step of iterative refinement: near the end the KKT matrix is
+        # ill-conditioned, and the refined step keeps the one-step derivative
+        # at the (1 - α) gap (QP n=300: 3.6e-9 vs Implicit; 8e-8 without).
+        u = linear_solve(
+            operator, r, _LU, state=factorisation, refinement_steps=1
+        ).value
         return u[:n], u[n : n + m], c * u[n + m :]
 
     return solve
@@ -207,17 +213,9 @@ class InteriorPointQP(AbstractSolver):
     superlinear: ClassVar[bool] = True
 
     def __check_init__(self):
-        if not 0 < self.eta_min < 1:
-            raise ValueError(f"InteriorPointQP(eta_min=...) must lie in (0, 1), got {self.eta_min!r}.")
-        if not self.regularization >= 0:
-            raise ValueError(
-                f"InteriorPointQP(regularization=...) must be non-negative, got {self.regularization!r}."
-            )
-        if not self.infeasibility_tol > 0:
-            raise ValueError(
-                "InteriorPointQP(infeasibility_tol=...) must be positive, got "
-                f"{self.infeasibility_tol!r}."
-            )
+        in_open_interval(self.eta_min, "InteriorPointQP(eta_min=...)", 0, 1)
+        nonnegative_float(self.regularization, "InteriorPointQP(regularization=...)")
+        positive_float(self.infeasibility_tol, "InteriorPointQP(infeasibility_tol=...)")
 
     def init(self, x0: Float[Array, " n"] | None, theta: QP) -> tuple[_PrimalDual, RESULTS]:
         check_qp(theta)

@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 from .._linear_solve import linear_solve
 from .._solution import RESULTS
 from .._tree import tree_freeze
+from .._validate import in_open_interval, one_of, positive_int
 from ._base import AbstractSolver
 from ._forcing import EisenstatWalker, forced_solver, is_forceable
 from ._gradient import check_iterate
@@ -58,10 +59,7 @@ def _check_line_search(name: str, c1: float, max_steps: int) -> None:
             f"{name}(c1=...) must lie in (0, 1/2) so that Newton's unit step is "
             f"accepted near the solution, got {c1}."
         )
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(
-            f"{name}(max_steps=...) must be a positive integer, got {max_steps!r}."
-        )
+    positive_int(max_steps, f"{name}(max_steps=...)")
 
 
 class Backtracking(AbstractLineSearch):
@@ -86,10 +84,7 @@ class Backtracking(AbstractLineSearch):
 
     def __check_init__(self):
         _check_line_search("Backtracking", self.c1, self.max_steps)
-        if not 0 < self.decrease < 1:
-            raise ValueError(
-                f"Backtracking(decrease=...) must lie in (0, 1), got {self.decrease}."
-            )
+        in_open_interval(self.decrease, "Backtracking(decrease=...)", 0, 1)
 
     def __call__(self, fn, x, f0, g0, direction):
         slope = jnp.vdot(g0, direction)
@@ -309,10 +304,7 @@ class Newton(AbstractSolver):
                 "Newton(linear_solver=...) must be a Lineax solver (lx.Cholesky(), "
                 f"lx.LU(), lx.CG(rtol, atol)), got {self.linear_solver!r}."
             )
-        if self.hessian not in ("dense", "hvp"):
-            raise ValueError(
-                f"Newton(hessian=...) must be 'dense' or 'hvp', got {self.hessian!r}."
-            )
+        one_of(self.hessian, "Newton(hessian=...)", ("dense", "hvp"))
 
     def init(self, x0, theta):
         x0 = check_iterate("Newton", x0)
