@@ -4,6 +4,9 @@ scikit-learn; the hypergradient in log(lambda) against the closed form on the
 support and finite differences for every estimator under jit / vmap / jacfwd /
 jacrev; OneStep / Truncated(K) against Corollary 1's bound."""
 
+import importlib.util
+import pathlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -391,3 +394,16 @@ def test_misuse_is_refused():
         ProximalGradient(f, prox.nonnegative, "1/L")
     with pytest.raises(ValueError, match="l1_ratio"):
         Lasso(jnp.ones((3, 2)), jnp.ones(3), l1_ratio=0.0)
+
+
+def test_lasso_selection_example_matches_grid_search():
+    """examples/lasso_selection.py (quick): hypergradient descent on the
+    validation loss selects a lambda within one grid step of the grid's best,
+    with a validation loss within 1e-3 (relative) of it."""
+    path = pathlib.Path(__file__).parents[1] / "examples" / "lasso_selection.py"
+    spec = importlib.util.spec_from_file_location("example_lasso_selection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.main(quick=True, verbose=False)
+    assert abs(r["theta"] - r["grid_theta"]) <= r["grid_spacing"], r
+    assert r["loss"] <= (1 + 1e-3) * r["grid_loss"], r
