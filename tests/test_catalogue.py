@@ -6,6 +6,7 @@ here are listed in the catalogue and tracked in the trust issue."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import itergrad as ig
@@ -70,3 +71,62 @@ def test_successful_solves_are_unchanged_by_the_derivative_guard():
     # x = 2 t at the fixed point: d/dt sum(x) = 1 for OneStep (x = x/2 + t).
     assert jnp.allclose(g, 1.0)
     assert isinstance(eqx.filter_jit(jax.jacfwd(loss))(jnp.ones(2)), jax.Array)
+
+
+def _ridge_gd(kappa, n=8):
+    """Quadratic ridge-like problem with Hessian eigenvalues geomspace(1,
+    kappa), gradient descent with step 1/L: rho = 1 - 1/kappa."""
+    Q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (n, n)))
+    H = Q @ jnp.diag(jnp.geomspace(1.0, kappa, n)) @ Q.T
+    solver = ig.GradientDescent(lambda x, t: 0.5 * x @ H @ x - t @ x, 1.0 / kappa)
+    return solver, (lambda t: jnp.linalg.solve(H, t)), jnp.linspace(1.0, 2.0, n)
+
+
+@pytest.mark.parametrize("kappa", [100, 1000])
+def test_S8_auto_truncation_meets_its_target(kappa):
+    solver, solution, theta = _ridge_gd(kappa)
+    estimator = ig.Truncated("auto", target=1e-4)
+
+    def x_of(t):
+        return ig.solve(solver, jnp.zeros(theta.size), t, estimator=estimator,
+                        max_steps=100_000, rtol=1e-14, atol=1e-14).value
+
+    J = jax.jacrev(x_of)(theta)
+    exact = jax.jacfwd(solution)(theta)
+    error = float(jnp.linalg.norm(J - exact) / jnp.linalg.norm(exact))
+    assert error <= 1e-4
+    sol = ig.solve(solver, jnp.zeros(theta.size), theta, estimator=estimator,
+                   max_steps=100_000, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(float(sol.stats["contraction"]), 1 - 1 / kappa, rtol=1e-4)
+    # Beyond the 100 stored states: the Neumann tail carried the sum.
+    assert int(sol.stats["differentiated_steps"]) > 100
+
+
+def test_S8_unreachable_target_is_refused():
+    def F(x, t):
+        return 0.99995 * x + t
+
+    sol = ig.iterate(F, jnp.zeros(2), jnp.ones(2), estimator=ig.Truncated("auto"),
+                     max_steps=10**6, throw=False)
+    assert sol.result == ig.RESULTS.truncation_target_unreachable
+    with pytest.raises(Exception, match="cannot meet its target"):
+        ig.iterate(F, jnp.zeros(2), jnp.ones(2), estimator=ig.Truncated("auto"),
+                   max_steps=10**6)
+
+
+def test_S12_repelling_fixed_point_is_flagged_by_auto_truncation():
+    # F = 2x + t is repelling; started at its fixed point x = -t the loop
+    # stops at once. The derivative of the fixed point is -1, what one-step
+    # gives (1) and truncated sums diverge: refuse.
+    def F(x, t):
+        return 2.0 * x + t
+
+    sol = ig.iterate(F, -jnp.ones(2), jnp.ones(2), estimator=ig.Truncated("auto"),
+                     throw=False)
+    assert sol.result == ig.RESULTS.not_contracting
+    np.testing.assert_allclose(float(sol.stats["contraction"]), 2.0, rtol=1e-6)
+
+
+def test_S10_neumann_needs_the_fixed_point_condition():
+    with pytest.raises(ValueError, match="condition='fixed_point'"):
+        ig.Implicit(linear_solver=ig.Neumann(30))

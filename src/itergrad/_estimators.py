@@ -9,8 +9,9 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PyTree
+from jaxtyping import Array, Int, PyTree
 
+from ._implicit_rule import implicit_unknowns
 from ._loop import (
     LoopOutput,
     LoopSettings,
@@ -18,14 +19,17 @@ from ._loop import (
     run_loop,
     run_loop_without_gradient,
 )
+from ._neumann import NeumannTail
+from ._solution import RESULTS
 from ._spectral import (
     DEFAULT_MAX_K,
+    DEFAULT_MAX_TAIL,
     DEFAULT_POWER_ITERATIONS,
-    auto_truncation,
+    needed_truncation,
     solver_contraction,
 )
 from ._tree import tree_sub, tree_where
-from ._validate import positive_int
+from ._validate import nonnegative_int, positive_int
 from .solvers._base import AbstractSolver, State
 
 
@@ -49,28 +53,21 @@ def attach_derivative(primal: PyTree[Any], live: PyTree[Any]) -> PyTree[Any]:
 
 
 def replay_last_steps(
+    out: LoopOutput,
     K: int,
+    live_steps: Int[Array, ""],
     solver: AbstractSolver,
     state0: State,
     theta: PyTree[Any],
-    settings: LoopSettings,
-    differentiated: Any = None,
-) -> tuple[State, LoopOutput]:
-    """Run the loop without gradients, then replay its last steps with gradients
-    live from the stored state $x_{k-K}$.
-
-    `differentiated` (at most `K`, default `K`) may be a traced integer: the
-    number of live steps is `min(differentiated, k)`; when $k$ is smaller than
-    that, the replay starts from `state0`, so `x0`'s dependence on `theta` is
-    kept, as in `Unroll`. It may also be a callable `LoopOutput -> integer`,
-    called on the forward loop's output (used by `Truncated("auto")`, whose
-    number of steps depends on the final iterate).
-    """
-    out = run_loop_without_gradient(solver, state0, theta, settings, keep=K)
-    if callable(differentiated):
-        differentiated = differentiated(out)
+) -> PyTree[Any]:
+    """The final unknowns carrying the derivative of the last `live_steps`
+    steps of a forward loop that kept `K` states (`live_steps <= K`, may be
+    traced): the steps are replayed from the stored $(z_{k-K'}, a_{k-K'})$,
+    $K' = \\min(\\text{live\\_steps}, k)$, with gradients live. When $k$ is
+    smaller, the replay starts from `state0`, so `x0`'s dependence on `theta`
+    is kept, as in `Unroll`."""
     steps = out.steps
-    live_steps = jnp.minimum(steps, K if differentiated is None else differentiated)
+    live_steps = jnp.minimum(steps, live_steps)
     assert out.history is not None  # keep=K >= 1 states were stored
     start = tree_where(
         steps > live_steps,
@@ -85,10 +82,20 @@ def replay_last_steps(
         return tree_where(i >= K - live_steps, stepped, state)
 
     live = jax.lax.fori_loop(0, K, replay, start)
-    out = dataclasses.replace(out, differentiated_steps=live_steps)
     # Only the unknowns carry a derivative; the auxiliary state is returned
     # as the forward loop left it.
-    return State(attach_derivative(out.state.z, live.z), out.state.aux), out
+    return attach_derivative(out.state.z, live.z)
+
+
+def truncate(
+    K: int, solver: AbstractSolver, state0: State, theta: PyTree[Any], settings: LoopSettings
+) -> tuple[State, LoopOutput]:
+    """Run the loop without gradients keeping `K` states; differentiate its
+    last `K` steps."""
+    out = run_loop_without_gradient(solver, state0, theta, settings, keep=K)
+    z = replay_last_steps(out, K, jnp.array(K), solver, state0, theta)
+    out = dataclasses.replace(out, differentiated_steps=jnp.minimum(out.steps, K))
+    return State(z, out.state.aux), out
 
 
 class AbstractEstimator(eqx.Module):
@@ -176,27 +183,41 @@ class Truncated(AbstractEstimator):
     Cost: $K \\omega C_F$ time and $K n$ memory for the stored states; every AD
     mode works (plain `stop_gradient` program, no custom rule).
 
-    **Automatic K.** `Truncated("auto", target=1e-4, max_K=100)` estimates
-    $\\rho = \\|J_x F(x_k, \\theta)\\|_{op}$ at the final iterate by
+    **Automatic K.** `Truncated("auto", target=1e-4)` estimates
+    $\\rho = \\|J_z F(z_k, \\theta)\\|_{op}$ at the final unknowns by
     `power_iterations` steps of matrix-free power iteration (one JVP and one
-    VJP of $F$ each, inside the same jitted computation) and differentiates
-    the smallest number of steps
-    $K = \\lceil \\log(t / (1 + t)) / \\log \\rho \\rceil$, $t$ = `target`,
-    for which the relative truncation bias bound
-    $\\rho^K / (1 - \\rho^K) \\le t$, clipped to $[1, K_{max}]$. (At the fixed
-    point the truncation error is exactly $J_x F^K \\, J_\\theta \\bar x$, so the
-    relative error is at most $\\rho^K$; the criterion keeps a
-    $1/(1-\\rho^K)$ margin, as Corollary 1 does.) The `max_K` last states are
-    always stored (a static ring buffer) and `max_K` masked steps are
-    replayed, so time and memory are those of `Truncated(max_K)`.
+    VJP of $F$ each, inside the same jitted computation; reported as
+    `sol.stats["contraction"]`) and differentiates the smallest number of
+    steps $K = \\lceil \\log(t / (1 + t)) / \\log \\rho \\rceil$, $t$ = `target`,
+    for which the relative truncation bias bound $\\rho^K / (1 - \\rho^K) \\le t$
+    (at the fixed point the truncation error is exactly
+    $J_z F^K \\, J_\\theta \\bar z$, so the relative error is at most $\\rho^K$;
+    the criterion keeps a $1/(1-\\rho^K)$ margin, as Corollary 1 does).
+    `sol.stats["differentiated_steps"]` is the $K$ used.
+
+    - $K \\le$ `max_K`: the last $K$ steps are replayed from the stored states
+      (a static ring buffer of `max_K` states; `max_K` masked steps).
+    - `max_K` $< K \\le$ `max_K + max_tail`: the truncated sum
+      $\\sum_{i<K} J_z F^i J_\\theta F$ is continued with the Jacobians frozen at
+      $z_k$, a $K$-term Neumann series (memory $n$, $K$ Jacobian-vector
+      products per derivative direction), so targets are met at
+      $\\rho = 0.999$ without storing $K$ states. Its difference from the
+      replayed sum is $O(\\|z_k - \\bar z\\|)$ (the Jacobians barely change
+      once the iteration has converged).
+    - Otherwise the target cannot be met: the result is
+      `RESULTS.not_contracting` when $\\rho \\ge 1$ (the estimators' theory
+      does not hold) and `RESULTS.truncation_target_unreachable` otherwise,
+      raising with `throw=True`; never a silently larger error.
 
     **Arguments:**
 
     - `K`: the number of differentiated steps, a positive integer, or
       `"auto"`.
     - `target`: (`"auto"` only) the relative bias to reach; default `1e-4`.
-    - `max_K`: (`"auto"` only) the largest $K$, a static positive integer;
-      default `100` (the same default as `diagnose`).
+    - `max_K`: (`"auto"` only) the number of stored states, a static positive
+      integer; default `100` (the same default as `diagnose`).
+    - `max_tail`: (`"auto"` only) the most Neumann terms beyond `max_K`;
+      default `20_000`.
     - `power_iterations`: (`"auto"` only) power-iteration steps for $\\rho$;
       default `30` (as `diagnose`), started from the last step
       $z_k - z_{k-1}$ mixed with a fixed generic vector, so that no random
@@ -205,17 +226,17 @@ class Truncated(AbstractEstimator):
     !!! warning
 
         Biased when the iteration contracts slowly: by about
-        $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). `itergrad.diagnose`
-        estimates $\\rho$ and recommends $K$. With `"auto"`, power iteration
-        under-estimates $\\rho$ when the top singular values of $J_x F$ are
-        clustered (and $\\rho$ is local to $x_k$), so $K$ may come out a little
-        small; when $\\rho$ is close to 1, $K$ is capped at `max_K` and the
-        target is then not met.
+        $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). With `"auto"`, power
+        iteration approaches $\\rho$ from below (fast from the last step, whose
+        slowest mode dominates; slower when the top singular values of
+        $J_z F$ are clustered) and $\\rho$ is local to $z_k$, so $K$ may come
+        out a little small.
     """
 
     K: int | Literal["auto"] = eqx.field(static=True)
     target: float | None = eqx.field(static=True, default=None)
     max_K: int | None = eqx.field(static=True, default=None)
+    max_tail: int | None = eqx.field(static=True, default=None)
     power_iterations: int = eqx.field(static=True, default=DEFAULT_POWER_ITERATIONS)
 
     def __check_init__(self):
@@ -230,13 +251,15 @@ class Truncated(AbstractEstimator):
                     f"target such as 1e-4, got {self.target!r}."
                 )
             positive_int(max_K, "Truncated('auto', max_K=...)")
+            if self.max_tail is not None:
+                nonnegative_int(self.max_tail, "Truncated('auto', max_tail=...)")
             positive_int(self.power_iterations, "Truncated('auto', power_iterations=...)")
             return
         if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
             raise ValueError(
                 f"Truncated(K) needs a positive integer K or 'auto', got {self.K!r}."
             )
-        if self.target is not None or self.max_K is not None:
+        if self.target is not None or self.max_K is not None or self.max_tail is not None:
             raise ValueError(
                 "Truncated(K, target=..., max_K=...): `target` and `max_K` only "
                 f"apply to Truncated('auto'); with a fixed K={self.K} drop them."
@@ -244,27 +267,48 @@ class Truncated(AbstractEstimator):
 
     def run(self, solver, state0, theta, settings):
         if self.K != "auto":
-            return replay_last_steps(self.K, solver, state0, theta, settings)
+            return truncate(self.K, solver, state0, theta, settings)
         target = 1e-4 if self.target is None else float(self.target)
         max_K = DEFAULT_MAX_K if self.max_K is None else self.max_K
-
-        def choose_K(out):
-            # Power iteration starts from the last step z_k - z_{k-1}: for a
-            # linearly converging iteration it is dominated by the slowest
-            # mode, i.e. it is already close to the vector sought (and it
-            # needs no random key).
-            assert out.history is not None
-            previous = history_entry(out.history, out.steps, jnp.array(1), max_K).z
-            last_step = tree_sub(out.state.z, previous)
-            rho = solver_contraction(
-                solver, _stop(out.state), _stop(theta), self.power_iterations,
-                start=_stop(last_step),
-            )
-            return auto_truncation(rho, target, max_K)
-
-        return replay_last_steps(
-            max_K, solver, state0, theta, settings, differentiated=choose_K
+        max_tail = DEFAULT_MAX_TAIL if self.max_tail is None else self.max_tail
+        out = run_loop_without_gradient(solver, state0, theta, settings, keep=max_K)
+        # Power iteration starts from the last step z_k - z_{k-1}: for a
+        # linearly converging iteration it is dominated by the slowest mode,
+        # i.e. it is already close to the vector sought (and it needs no
+        # random key).
+        assert out.history is not None
+        previous = history_entry(out.history, out.steps, jnp.array(1), max_K).z
+        rho = solver_contraction(
+            solver, _stop(out.state), _stop(theta), self.power_iterations,
+            start=_stop(tree_sub(out.state.z, previous)),
         )
+        cap = max_K + max_tail
+        needed = needed_truncation(rho, target, cap)
+        replayed = replay_last_steps(
+            out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
+        )
+        # Beyond the stored states the truncated sum sum_{i<K} J^i J_theta F
+        # is continued with the Jacobians frozen at z_k: a K-term Neumann
+        # series (memory n, K products), used only when K > max_K.
+        use_tail = (needed > max_K) & (needed <= cap)
+        tail = implicit_unknowns(
+            solver, out.state, theta, "fixed_point",
+            NeumannTail(jnp.where(use_tail, needed, 0)), frozenset(), False,
+        )
+        z = tree_where(use_tail, tail, replayed)
+        failure = RESULTS.where(
+            rho >= 1, RESULTS.not_contracting, RESULTS.truncation_target_unreachable
+        )
+        result = RESULTS.where(
+            (out.result == RESULTS.successful) & (needed > cap), failure, out.result
+        )
+        out = dataclasses.replace(
+            out,
+            result=result,
+            differentiated_steps=jnp.where(use_tail, needed, jnp.minimum(needed, out.steps)),
+            contraction=rho,
+        )
+        return State(z, out.state.aux), out
 
 
 class OneStep(AbstractEstimator):
@@ -288,4 +332,4 @@ class OneStep(AbstractEstimator):
     """
 
     def run(self, solver, state0, theta, settings):
-        return replay_last_steps(1, solver, state0, theta, settings)
+        return truncate(1, solver, state0, theta, settings)

@@ -1,18 +1,14 @@
 """Implicit differentiation: the only custom derivative rule in itergrad."""
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import PyTree
 
 from ._estimators import AbstractEstimator
+from ._implicit_rule import implicit_unknowns
 from ._loop import run_loop_without_gradient
-from ._tree import tree_sub
+from ._neumann import Neumann
 from .solvers._base import AbstractSolver, State
 
 
@@ -83,6 +79,13 @@ class Implicit(AbstractEstimator):
                 "Implicit(condition=...) must be 'optimality' or 'fixed_point', "
                 f"got {self.condition!r}."
             )
+        if isinstance(self.linear_solver, Neumann) and self.condition != "fixed_point":
+            raise ValueError(
+                "Implicit(linear_solver=Neumann(k)) needs condition='fixed_point': "
+                "the Neumann series sums powers of I + J_z G, which is the step "
+                "map's Jacobian only for the fixed-point condition (with the "
+                "default 'optimality' condition it diverges in general)."
+            )
         if not isinstance(self.linear_solver, lx.AbstractLinearSolver):
             raise TypeError(
                 "Implicit(linear_solver=...) must be a Lineax linear solver "
@@ -93,16 +96,9 @@ class Implicit(AbstractEstimator):
         out = run_loop_without_gradient(solver, state0, theta, settings)
         # The system is square in the unknowns z only: the auxiliary state is
         # held at its final value, whatever its size or dtype.
-        root = jax.lax.stop_gradient(out.state.z)
-        aux = jax.lax.stop_gradient(out.state.aux)
-        condition_fn = _condition_function(solver, self.condition, aux)
-        # Closure conversion turns arrays that the solver or the user's F close
-        # over into explicit inputs, so they are differentiated through the
-        # custom rule too instead of being silently treated as constants.
-        condition_fn = eqx.filter_closure_convert(condition_fn, root, theta)
-        live = _implicit_root(
-            root, condition_fn, theta, linear_solver=self.linear_solver,
-            tags=self._tags(solver), throw=self.throw,
+        live = implicit_unknowns(
+            solver, out.state, theta, self.condition, self.linear_solver,
+            self._tags(solver), self.throw,
         )
         return State(live, out.state.aux), out
 
@@ -112,50 +108,3 @@ class Implicit(AbstractEstimator):
         if self.condition == "optimality":
             return frozenset(solver.optimality_tags)
         return frozenset()
-
-
-def _condition_function(
-    solver: AbstractSolver, condition: str, aux: PyTree[Any]
-) -> Callable[[PyTree[Any], PyTree[Any]], PyTree[Any]]:
-    def condition_fn(z, theta):
-        if condition == "optimality":
-            return solver.optimality(z, aux, theta)
-        new_z, _ = solver.step(z, aux, theta)
-        return tree_sub(new_z, z)
-
-    return condition_fn
-
-
-@eqx.filter_custom_jvp
-def _implicit_root(root, condition_fn, theta, *, linear_solver, tags, throw):
-    del condition_fn, theta, linear_solver, tags, throw
-    return root
-
-
-@_implicit_root.def_jvp
-def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw):
-    root, condition_fn, theta = primals
-    _, t_condition_fn, t_theta = tangents
-    # Tangent of G(root, .) in the direction of (condition_fn's closed-over
-    # arrays, theta); the root itself is held fixed.
-    diff_inputs, static_inputs = eqx.partition(
-        (condition_fn, theta), eqx.is_inexact_array
-    )
-    t_inputs = jtu.tree_map(
-        lambda t, x: None if x is None else (jnp.zeros_like(x) if t is None else t),
-        (t_condition_fn, t_theta),
-        diff_inputs,
-        is_leaf=lambda t: t is None,
-    )
-
-    def g_of_inputs(dyn):
-        fn, th = eqx.combine(dyn, static_inputs)
-        return fn(root, th)
-
-    _, t_residual = jax.jvp(g_of_inputs, (diff_inputs,), (t_inputs,))
-    operator = lx.JacobianLinearOperator(
-        lambda z, args: condition_fn(z, args), root, theta, tags=tags
-    )
-    solution = lx.linear_solve(operator, t_residual, linear_solver, throw=throw)
-    t_root = jtu.tree_map(lambda t: -t, solution.value)
-    return root, t_root

@@ -134,6 +134,8 @@ def _stats(max_steps: int, out: LoopOutput) -> dict[str, Any]:
     stats: dict[str, Any] = {"max_steps": max_steps}
     if out.differentiated_steps is not None:
         stats["differentiated_steps"] = out.differentiated_steps
+    if out.contraction is not None:
+        stats["contraction"] = out.contraction
     return stats
 
 

@@ -37,6 +37,8 @@ class LoopOutput(eqx.Module):
     # Set by estimators that differentiate only the last steps (OneStep,
     # Truncated): how many were differentiated.
     differentiated_steps: Int[Array, ""] | None = None
+    # Set by `Truncated("auto")`: the estimated contraction factor.
+    contraction: Real[Array, ""] | None = None
 
 
 class LoopSettings(eqx.Module):

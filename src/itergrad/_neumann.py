@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import lineax as lx
+from jaxtyping import Array
 
 from ._validate import positive_int
 
@@ -43,18 +44,44 @@ class Neumann(lx.AbstractLinearSolver):
         return operator
 
     def compute(self, state, vector, options):
-        operator = state
+        return _neumann_series(state, vector, self.k), lx.RESULTS.successful, {}
 
-        def body(_, carry):
-            term, total = carry
-            total = jtu.tree_map(lambda a, b: a + b, total, term)
-            term = jtu.tree_map(lambda a, b: a + b, term, operator.mv(term))
-            return term, total
+    def transpose(self, state, options):
+        return state.transpose(), options
 
-        zeros = jtu.tree_map(lambda v: v * 0, vector)
-        _, total = jax.lax.fori_loop(0, self.k, body, (vector, zeros))
-        solution = jtu.tree_map(lambda t: -t, total)
-        return solution, lx.RESULTS.successful, {}
+    def conj(self, state, options):
+        return lx.conj(state), options
+
+    def assume_full_rank(self):
+        return True
+
+
+def _neumann_series(operator: lx.AbstractLinearOperator, vector: Any, terms: Any) -> Any:
+    """$-\\sum_{i < \\text{terms}} (I + M)^i b$; `terms` may be traced."""
+
+    def body(_, carry):
+        term, total = carry
+        total = jtu.tree_map(lambda a, b: a + b, total, term)
+        term = jtu.tree_map(lambda a, b: a + b, term, operator.mv(term))
+        return term, total
+
+    zeros = jtu.tree_map(lambda v: v * 0, vector)
+    _, total = jax.lax.fori_loop(0, terms, body, (vector, zeros))
+    return jtu.tree_map(lambda t: -t, total)
+
+
+class NeumannTail(lx.AbstractLinearSolver):
+    """`Neumann` with a number of terms known only at run time (a traced
+    integer; 0 gives the zero solution). Internal: the tail of
+    `Truncated("auto")` beyond its stored states."""
+
+    terms: Array
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        return operator
+
+    def compute(self, state, vector, options):
+        return _neumann_series(state, vector, self.terms), lx.RESULTS.successful, {}
 
     def transpose(self, state, options):
         return state.transpose(), options

@@ -49,6 +49,19 @@ class RESULTS(eqx.Enumeration):
         "`Ax = b`, `Gx <= h` admit a solution and that `Q` is positive definite "
         "on the feasible set."
     )
+    not_contracting = (
+        "The step map is not a contraction at the solution: its estimated "
+        "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`). One-step, "
+        "truncated and Neumann derivatives do not converge there. Use "
+        "`Implicit()` (valid when I - J_z F is invertible), or check the solver "
+        "(step size, momentum)."
+    )
+    truncation_target_unreachable = (
+        "`Truncated('auto', target)` cannot meet its target: the estimated "
+        "contraction factor (`sol.stats['contraction']`) needs more differentiated "
+        "steps (`sol.stats['differentiated_steps']`) than `max_K + max_tail`. Use "
+        "`Implicit()`, raise `max_tail`, or loosen `target`."
+    )
 
 
 class Solution(eqx.Module):

@@ -21,6 +21,9 @@ from .solvers._base import AbstractSolver, State
 # `Truncated("auto")` and `diagnose`.
 DEFAULT_MAX_K = 100
 """The largest K considered for truncation (`Truncated("auto")`'s ring buffer)."""
+DEFAULT_MAX_TAIL = 20_000
+"""The most terms of `Truncated("auto")`'s Neumann tail beyond `max_K`
+(enough for a relative target of 1e-4 at rho = 0.9995)."""
 DEFAULT_POWER_ITERATIONS = 30
 """Power-iteration steps per operator norm: the estimate approaches the norm
 from below like $(\\sigma_2/\\sigma_1)^{60}$."""
@@ -106,16 +109,15 @@ def jacobian_theta_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array,
     return linear_operator_norm(jvp, v0, iterations)
 
 
-def auto_truncation(rho: Real[Array, ""], target: float, max_K: int) -> Int[Array, ""]:
+def needed_truncation(rho: Real[Array, ""], target: float, cap: int) -> Int[Array, ""]:
     """The smallest $K \\ge 1$ with $\\rho^K / (1 - \\rho^K) \\le$ `target`,
-    i.e. $K = \\lceil \\log(t/(1+t)) / \\log \\rho \\rceil$, clipped to
-    `[1, max_K]` ($K = 1$ for $\\rho = 0$, `max_K` for $\\rho \\ge 1$)."""
+    i.e. $K = \\lceil \\log(t/(1+t)) / \\log \\rho \\rceil$; `cap + 1` when
+    it exceeds `cap` or when $\\rho \\ge 1$ (no K is enough)."""
     rho = jnp.asarray(rho)
     safe_rho = jnp.clip(rho, jnp.finfo(rho.dtype).tiny, 1 - jnp.finfo(rho.dtype).eps)
     K = jnp.ceil(jnp.log(target / (1 + target)) / jnp.log(safe_rho))
-    K = jnp.where(rho >= 1, max_K, K)
-    K = jnp.where(jnp.isfinite(K), K, max_K)
-    return jnp.clip(K, 1, max_K).astype(jnp.int32)
+    K = jnp.where((rho >= 1) | ~jnp.isfinite(K), cap + 1, K)
+    return jnp.clip(K, 1, cap + 1).astype(jnp.int32)
 
 
 def solver_contraction(
