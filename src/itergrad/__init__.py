@@ -5,7 +5,7 @@ See Bolte, Pauwels, Vaiter, *One-step differentiation of iterative algorithms*
 private.
 """
 
-from . import problems as problems, solvers as solvers
+from . import problems as problems, prox as prox, solvers as solvers
 from ._bilevel import (
     History as History,
     HypergradientDescent as HypergradientDescent,
@@ -54,6 +54,7 @@ __all__ = [
     "hypergradient_stepsize",
     "iterate",
     "problems",
+    "prox",
     "result_name",
     "solve",
     "solvers",

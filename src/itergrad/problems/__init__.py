@@ -1,5 +1,11 @@
 """The paper's problems: objectives, data generators and closed-form references."""
 
+from ._lasso import (
+    Lasso as Lasso,
+    lasso_cpusmall as lasso_cpusmall,
+    lasso_data as lasso_data,
+    lasso_diabetes as lasso_diabetes,
+)
 from ._logistic import (
     LogisticRegression as LogisticRegression,
     flip_labels as flip_labels,
@@ -25,3 +31,4 @@ __all__ += [
     "standardize",
 ]
 __all__ += ["QP", "random_qp"]
+__all__ += ["Lasso", "lasso_cpusmall", "lasso_data", "lasso_diabetes"]

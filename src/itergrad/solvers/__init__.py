@@ -7,12 +7,14 @@ from ._base import (
 from ._forcing import EisenstatWalker as EisenstatWalker
 from ._gradient import GradientDescent as GradientDescent, HeavyBall as HeavyBall
 from ._interior_point import InteriorPointQP as InteriorPointQP
+from ._lbfgs import LBFGS as LBFGS
 from ._newton import (
     AbstractLineSearch as AbstractLineSearch,
     Backtracking as Backtracking,
     Newton as Newton,
     Wolfe as Wolfe,
 )
+from ._proximal import ProximalGradient as ProximalGradient
 
 __all__ = ["AbstractSolver", "FixedPointIteration"]
 __all__ += [
@@ -25,3 +27,4 @@ __all__ += [
     "Wolfe",
 ]
 __all__ += ["InteriorPointQP"]
+__all__ += ["LBFGS", "ProximalGradient"]
