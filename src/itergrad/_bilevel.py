@@ -280,6 +280,8 @@ class HypergradientDescent(eqx.Module):
             return self.outer_loss(sol.value, th), sol
 
         (loss, sol), grad = eqx.filter_value_and_grad(loss_fn, has_aux=True)(theta)
+        if self.throw:
+            loss, grad = _check_outer(loss, grad, sol.result)
         updates, opt_state = self.optimizer.update(grad, state.opt_state, theta)
         theta_next = eqx.apply_updates(theta, updates)
         x = jax.lax.stop_gradient(sol.value)
@@ -293,6 +295,39 @@ class HypergradientDescent(eqx.Module):
             result=sol.result,
         )
         return theta_next, HypergradientState(opt_state, start), info
+
+
+_OUTER_LOSS_NONFINITE = (
+    "hypergradient descent: the outer loss `outer_loss(x, theta)` returned a "
+    "non-finite value (NaN or Inf) at a successful inner solve. Check "
+    "`outer_loss` at the current `theta` and inner solution (log or division "
+    "at 0, overflow), or lower the outer step size if `theta` diverged."
+)
+_OUTER_GRADIENT_NONFINITE = (
+    "hypergradient descent: the hypergradient is non-finite (NaN or Inf) while "
+    "the outer loss and the inner solve are fine. The usual cause is the "
+    "gradient of `outer_loss(x, theta)` (e.g. sqrt or abs at 0, a NaN "
+    "derivative of a non-differentiable operation); else the estimator's "
+    "derivative of the inner solve."
+)
+
+
+def _check_outer(
+    loss: Scalar, grad: PyTree[Array], result: RESULTS
+) -> tuple[Scalar, PyTree[Array]]:
+    """Raise a message that blames the outer loss when it, or the
+    hypergradient, is non-finite after a successful inner solve (a failed
+    inner solve raises its own message)."""
+    ok = result == RESULTS.successful
+    leaves = jtu.tree_leaves(eqx.filter(grad, eqx.is_inexact_array))
+    finite_grad = jnp.array(True)
+    for leaf in leaves:
+        finite_grad = finite_grad & jnp.all(jnp.isfinite(leaf))
+    # Both checks sit on the hypergradient, which the update always uses.
+    finite_loss = jnp.isfinite(loss)
+    grad = eqx.error_if(grad, ok & ~finite_loss, _OUTER_LOSS_NONFINITE)
+    grad = eqx.error_if(grad, ok & finite_loss & ~finite_grad, _OUTER_GRADIENT_NONFINITE)
+    return loss, grad
 
 
 class History(eqx.Module):

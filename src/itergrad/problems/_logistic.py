@@ -9,6 +9,27 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray, Scalar
 from .._validate import in_closed_interval, positive_float, positive_int
 
 
+def check_weights(problem: str, A: Array, x: Array | None, theta: Array) -> None:
+    """Check, while tracing, that `theta` holds one weight per sample (a
+    vector of length `N = A.shape[0]`) and `x` one entry per column of `A`:
+    raise a `ValueError` naming the argument otherwise (instead of a
+    `dot_general` error, or a non-scalar objective from a broadcast scalar)."""
+    N, n = A.shape
+    shape = getattr(theta, "shape", None)
+    if shape != (N,):
+        raise ValueError(
+            f"{problem}: `theta` must hold one weight per sample, shape ({N},) "
+            f"(the data has N={N} samples), got "
+            f"{'shape ' + str(shape) if shape is not None else type(theta).__name__}."
+            " For a scalar weight use `w * jnp.ones(N)`."
+        )
+    if x is not None and getattr(x, "shape", None) != (n,):
+        raise ValueError(
+            f"{problem}: `x` (the iterate, e.g. `x0`) must have shape ({n},) (one "
+            f"entry per column of the design), got shape {getattr(x, 'shape', None)}."
+        )
+
+
 class LogisticRegression(eqx.Module):
     """The weighted regularized logistic regression of eq. (11),
     $f(x, \\theta) = \\sum_{i=1}^N \\theta_i\\, \\ell(y_i \\langle a_i, x\\rangle)
@@ -39,7 +60,12 @@ class LogisticRegression(eqx.Module):
         return self.A.shape[1]
 
     def objective(self, x: Float[Array, " n"], theta: Float[Array, " N"]) -> Scalar:
-        """$\\sum_i \\theta_i \\ell(y_i \\langle a_i, x \\rangle) + \\lambda \\|x_{-1}\\|^2$."""
+        """$\\sum_i \\theta_i \\ell(y_i \\langle a_i, x \\rangle) + \\lambda \\|x_{-1}\\|^2$.
+
+        **Raises:** `ValueError` (while tracing) when `theta` is not a vector
+        of `N` sample weights or `x` not a vector of `n` coefficients.
+        """
+        check_weights("LogisticRegression", self.A, x, theta)
         margins = self.y * (self.A @ x)
         # logaddexp(0, -t) = log(1 + e^{-t}) without overflow for t << 0 nor
         # cancellation for t >> 0.

@@ -7,6 +7,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Scalar
 
+from ._logistic import check_weights
+
 
 class WeightedRidge(eqx.Module):
     """Weighted ridge regression,
@@ -43,12 +45,18 @@ class WeightedRidge(eqx.Module):
     lam: float | Float[Array, ""]
 
     def objective(self, x: Float[Array, " n"], theta: Float[Array, " N"]) -> Scalar:
-        """$f_\\theta(x)$."""
+        """$f_\\theta(x)$.
+
+        **Raises:** `ValueError` (while tracing) when `theta` is not a vector
+        of `N` sample weights or `x` not a vector of `n` coefficients.
+        """
+        check_weights("WeightedRidge", self.A, x, theta)
         residual = self.y - self.A @ x
         return 0.5 * jnp.dot(theta, residual**2) + 0.5 * self.lam * jnp.dot(x, x)
 
     def hessian(self, theta: Float[Array, " N"]) -> Float[Array, "n n"]:
         """$H(\\theta) = A^\\top \\mathrm{diag}(\\theta) A + \\lambda I$."""
+        check_weights("WeightedRidge", self.A, None, theta)
         n = self.A.shape[1]
         return self.A.T @ (theta[:, None] * self.A) + self.lam * jnp.eye(
             n, dtype=self.A.dtype
