@@ -1,68 +1,80 @@
-"""A primal-dual interior point method for convex quadratic programs (§4)."""
+"""A primal-dual interior point method for convex quadratic programs (§4),
+with two-sided rows and bounds."""
 
-from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg as jsl
 import lineax as lx
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Bool, Float, Scalar
 
 from .._linear_solve import linear_solve
 from .._solution import RESULTS
-from .._validate import in_open_interval, nonnegative_float, positive_float
+from .._validate import (
+    in_open_interval,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+)
 from ..problems._qp import QP, check_qp
 from ._base import AbstractSolver
 
-_LU = lx.LU()
+
+class _Sides(eqx.Module):
+    """Slack/dual pairs of two-sided constraints $L \\le v \\le U$:
+    $v - L = s_l$, $U - v = s_u$, duals $z_l, z_u \\ge 0$. On a side with an
+    infinite bound the pair is a constant placeholder $(1, 0)$; on an equality
+    ($L = U$) `zl` is the free multiplier and the other three are
+    placeholders."""
+
+    sl: Float[Array, " k"]
+    zl: Float[Array, " k"]
+    su: Float[Array, " k"]
+    zu: Float[Array, " k"]
 
 
 class _PrimalDual(eqx.Module):
-    """The unknowns: primal `x`, slacks `s` of $Gx + s = h$, inequality duals
-    `z >= 0`, equality duals `y`. (The auxiliary state is the `RESULTS`
-    code of the infeasibility check.)"""
+    """The unknowns: primal `x`; slacks `s` of $Gx + s = h$ and their duals
+    `z >= 0`; equality duals `y`; the pairs of the two-sided rows `C` (`rows`)
+    and of the bounds (`bounds`, empty without bounds)."""
 
     x: Float[Array, " n"]
     s: Float[Array, " p"]
     z: Float[Array, " p"]
     y: Float[Array, " m"]
+    rows: _Sides
+    bounds: _Sides
 
 
-class _KKTResidual(eqx.Module):
-    """$\\Phi(w, \\theta)$ without the complementarity row, and the products it
-    is made of (the stopping test scales each residual by them)."""
+class _Aux(eqx.Module):
+    """Auxiliary state: the infeasibility code of the last step and the Ruiz
+    scaling computed once by `init` (columns `d`, rows `e`, cost `c`)."""
 
-    dual: Float[Array, " n"]  # Qx + q + Aᵀy + Gᵀz
-    equality: Float[Array, " m"]  # Ax - b
-    inequality: Float[Array, " p"]  # Gx + s - h
-    Qx: Float[Array, " n"]
-    Aty: Float[Array, " n"]
-    Gtz: Float[Array, " n"]
-    Ax: Float[Array, " m"]
-    Gx: Float[Array, " p"]
+    result: RESULTS
+    d: Float[Array, " n"]
+    e: Float[Array, " r"]
+    c: Float[Array, ""]
 
 
-def kkt_residual(w: _PrimalDual, qp: QP, Qs: Array) -> _KKTResidual:
-    """The KKT residuals of the QP at $w = (x, s, z, y)$, with $Q_s$ the
-    symmetric part of $Q$: the one place they are computed."""
-    Qx, Aty, Gtz = Qs @ w.x, qp.A.T @ w.y, qp.G.T @ w.z
-    Ax, Gx = qp.A @ w.x, qp.G @ w.x
-    return _KKTResidual(
-        dual=Qx + qp.q + Aty + Gtz,
-        equality=Ax - qp.b,
-        inequality=Gx + w.s - qp.h,
-        Qx=Qx,
-        Aty=Aty,
-        Gtz=Gtz,
-        Ax=Ax,
-        Gx=Gx,
-    )
+class _Canonical(eqx.Module):
+    """Every constraint of the QP as rows $L \\le Kx \\le U$ with masks, plus
+    the bounds: the one form the Newton step works on. `K = [A; G; C]`."""
 
-
-def _amax(v: Array) -> Scalar:
-    """max |v|, 0 for an empty array (no equality or inequality constraints)."""
-    return jnp.max(jnp.abs(v)) if v.size else jnp.zeros((), v.dtype)
+    P: Array
+    q: Array
+    K: Array
+    L: Array
+    U: Array
+    eq: Bool[Array, " r"]
+    hl: Bool[Array, " r"]
+    hu: Bool[Array, " r"]
+    bL: Array
+    bU: Array
+    beq: Bool[Array, " nb"]
+    bhl: Bool[Array, " nb"]
+    bhu: Bool[Array, " nb"]
 
 
 def _symmetric(Q: Array) -> Array:
@@ -72,142 +84,342 @@ def _symmetric(Q: Array) -> Array:
     return 0.5 * (Q + Q.T)
 
 
+def _masks(lo, hi, lo_fin, hi_fin):
+    eq = lo_fin & hi_fin & (lo == hi)
+    return eq, lo_fin & ~eq, hi_fin & ~eq
+
+
+def _canonical(qp: QP) -> _Canonical:
+    n, m, p = qp.sizes
+    dt = qp.Q.dtype
+    t, f = jnp.ones, jnp.zeros
+    ceq, chl, chu = _masks(qp.l, qp.u, qp.l_finite, qp.u_finite)
+    beq, bhl, bhu = _masks(qp.lb, qp.ub, qp.lb_finite, qp.ub_finite)
+    return _Canonical(
+        P=_symmetric(qp.Q),
+        q=qp.q,
+        K=jnp.concatenate([qp.A, qp.G, qp.C]),
+        L=jnp.concatenate([qp.b, f((p,), dt), qp.l]),
+        U=jnp.concatenate([qp.b, qp.h, qp.u]),
+        eq=jnp.concatenate([t((m,), bool), f((p,), bool), ceq]),
+        hl=jnp.concatenate([f((m,), bool), f((p,), bool), chl]),
+        hu=jnp.concatenate([f((m,), bool), t((p,), bool), chu]),
+        bL=qp.lb, bU=qp.ub, beq=beq, bhl=bhl, bhu=bhu,
+    )
+
+
+def _row_sides(w: _PrimalDual) -> _Sides:
+    """The canonical rows' pairs: `A` rows are equalities with multiplier `y`,
+    `G` rows have an upper side only."""
+    m, p = w.y.shape[0], w.s.shape[0]
+    one, zero = jnp.ones((m + p,), w.x.dtype), jnp.zeros((m + p,), w.x.dtype)
+    return _Sides(
+        sl=jnp.concatenate([one, w.rows.sl]),
+        zl=jnp.concatenate([w.y, zero[:p], w.rows.zl]),
+        su=jnp.concatenate([one[:m], w.s, w.rows.su]),
+        zu=jnp.concatenate([zero[:m], w.z, w.rows.zu]),
+    )
+
+
+def _from_row_sides(w: _PrimalDual, x: Array, r: _Sides, b: _Sides) -> _PrimalDual:
+    m, p = w.y.shape[0], w.s.shape[0]
+    return _PrimalDual(
+        x=x, s=r.su[m : m + p], z=r.zu[m : m + p], y=r.zl[:m],
+        rows=_Sides(r.sl[m + p :], r.zl[m + p :], r.su[m + p :], r.zu[m + p :]),
+        bounds=b,
+    )
+
+
+def _multiplier(sd: _Sides, eq, hl, hu) -> Array:
+    """The multiplier of $v$ in the Lagrangian: $z_u - z_l$ (free on equalities)."""
+    return jnp.where(eq, sd.zl, jnp.where(hu, sd.zu, 0.0) - jnp.where(hl, sd.zl, 0.0))
+
+
+class _KKTResidual(eqx.Module):
+    """$\\Phi(w, \\theta)$ and the pieces of the stopping test."""
+
+    dual: Float[Array, " n"]  # Px + q + Kᵀλ + λ_b
+    rows: _Sides  # per canonical row: primal-lower, compl-lower, primal-upper, compl-upper
+    bounds: _Sides  # the same for the bounds
+    violation: Scalar  # max constraint violation of x itself (∞-norm)
+    gap: Scalar  # |xᵀPx + qᵀx + Σ U λ⁺ + L λ⁻| (the QP benchmarks' duality gap)
+    lam: Array  # row multipliers
+    blam: Array  # bound multipliers
+
+
+def _side_residual(v, L, U, eq, hl, hu, sd: _Sides) -> tuple[_Sides, Scalar]:
+    """Residuals of the pairs of $L \\le v \\le U$ in the slots (sl, zl, su,
+    zu), placeholders included, and the violation of $v$ itself."""
+    pl = jnp.where(eq, v - L, jnp.where(hl, v - L - sd.sl, sd.sl - 1.0))
+    cl = jnp.where(eq, sd.sl - 1.0, jnp.where(hl, sd.sl * sd.zl, sd.zl))
+    pu = jnp.where(hu, U - v - sd.su, sd.su - 1.0)
+    cu = jnp.where(hu, sd.su * sd.zu, sd.zu)
+    viol = jnp.maximum(
+        jnp.where(eq, jnp.abs(v - L), 0.0),
+        jnp.maximum(jnp.where(hl, L - v, 0.0), jnp.where(hu, v - U, 0.0)),
+    )
+    return _Sides(pl, cl, pu, cu), _amax(viol)
+
+
+def kkt_residual(w: _PrimalDual, qp: QP) -> _KKTResidual:
+    """The KKT residuals of the QP at $w$: the one place they are computed."""
+    cf = _canonical(qp)
+    rs, bs = _row_sides(w), w.bounds
+    lam = _multiplier(rs, cf.eq, cf.hl, cf.hu)
+    blam = _multiplier(bs, cf.beq, cf.bhl, cf.bhu)
+    Px = cf.P @ w.x
+    dual = Px + cf.q + cf.K.T @ lam
+    if blam.size:
+        dual = dual + blam
+    rows, viol = _side_residual(cf.K @ w.x, cf.L, cf.U, cf.eq, cf.hl, cf.hu, rs)
+    if bs.sl.size:
+        bounds, bviol = _side_residual(w.x, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu, bs)
+    else:
+        bounds, bviol = bs, jnp.zeros((), w.x.dtype)
+
+    def support(lm, L, U, eq, hl, hu):
+        return jnp.sum(
+            jnp.where(eq, L * lm, jnp.where(hu, U * jnp.maximum(lm, 0.0), 0.0)
+                      + jnp.where(hl, L * jnp.minimum(lm, 0.0), 0.0))
+        )
+
+    gap = jnp.abs(
+        jnp.dot(w.x, Px) + jnp.dot(cf.q, w.x)
+        + support(lam, cf.L, cf.U, cf.eq, cf.hl, cf.hu)
+        + support(blam, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu)
+    )
+    return _KKTResidual(dual, rows, bounds, jnp.maximum(viol, bviol), gap, lam, blam)
+
+
+def _amax(v: Array) -> Scalar:
+    """max |v|, 0 for an empty array."""
+    return jnp.max(jnp.abs(v)) if v.size else jnp.zeros((), v.dtype)
+
+
 def _max_step(v: Array, dv: Array) -> Scalar:
     """The largest $\\alpha$ with $v + \\alpha\\, dv \\ge 0$ ($+\\infty$ if none)."""
     decreasing = dv < 0
     # Divide by a safe value off the decreasing entries: a 0/0 in the branch
     # that `where` discards would still poison the derivative with NaN.
     ratio = -v / jnp.where(decreasing, dv, -1.0)
-    return jnp.min(jnp.where(decreasing, ratio, jnp.inf))
+    return jnp.min(jnp.where(decreasing, ratio, jnp.inf)) if v.size else jnp.asarray(jnp.inf, v.dtype)
 
 
-def _kkt_solver(
-    Qs: Array, A: Array, G: Array, s: Array, z: Array, regularization: float
-) -> Callable[[Array, Array, Array], tuple[Array, Array, Array]]:
-    """Factorise once and return `solve(a1, a2, a3) -> (dx, dy, dz)` for the
-    augmented Newton system (with $\\Delta s$ eliminated)
+class _Augmented(eqx.Module):
+    """The symmetric quasi-definite Newton matrix
+    $\\begin{pmatrix} H & \\tilde K^\\top \\\\ \\tilde K & -E\\end{pmatrix}$
+    in $(\\Delta x, \\Delta\\tilde\\lambda)$, applied matrix-free."""
 
-    $$Q\\,dx + A^\\top dy + G^\\top dz = a_1,\\quad A\\,dx = a_2,\\quad
-    G\\,dx - \\mathrm{diag}(s/z)\\,dz = a_3.$$
+    H: Array
+    K: Array
+    E: Array
 
-    The inequality rows and columns are scaled by $c = \\min(1, \\sqrt{z/s})$
-    ($dz = c\\,\\tilde{dz}$), so that the matrix
-    $\\begin{pmatrix} Q & A^\\top & G^\\top C \\\\ A & 0 & 0 \\\\ C G & 0 & -\\min(1, s/z)\\end{pmatrix}$
-    stays well conditioned as the gap closes (active rows tend to equality
-    constraints, inactive ones decouple). The normal equations
-    $Q + G^\\top \\mathrm{diag}(z/s) G$ would not: their condition number grows
-    like $1/\\mu$, which costs the derivative of the last step about
-    $\\epsilon/\\mu$ of relative accuracy. One LU factorisation serves every
-    right-hand side, and differentiating the solves reuses it (triangular
-    solves only; see `itergrad._linear_solve`).
+    def mv(self, u):
+        n = self.H.shape[0]
+        ux, ul = u[:n], u[n:]
+        return jnp.concatenate([self.H @ ux + self.K.T @ ul, self.K @ ux - self.E * ul])
+
+
+class _QuasiDefiniteCholesky(lx.AbstractLinearSolver):
+    """Solves the augmented system through the Cholesky factor of the
+    regularised reduced matrix $N = H + \\delta_x + \\tilde K^\\top E_r^{-1}
+    \\tilde K$ ($n \\times n$), then `refinement_steps` steps of iterative
+    refinement against the true matrix. The state is built by
+    `_factorise`; the matrix is symmetric, so transposing is free."""
+
+    refinement_steps: int = eqx.field(static=True, default=2)
+
+    def init(self, operator, options):
+        raise NotImplementedError("build the state with `_factorise`")
+
+    def compute(self, state, vector, options):
+        chol, K, Einv, true = state
+        n = chol.shape[0]
+
+        def reg_solve(r):
+            r1, r2 = r[:n], r[n:]
+            u1 = jsl.cho_solve((chol, True), r1 + K.T @ (Einv * r2))
+            return jnp.concatenate([u1, Einv * (K @ u1 - r2)])
+
+        u = reg_solve(vector)
+        for _ in range(self.refinement_steps):
+            u = u + reg_solve(vector - true.mv(u))
+        return u, lx.RESULTS.successful, {}
+
+    def transpose(self, state, options):
+        return state, options
+
+    def conj(self, state, options):
+        return state, options
+
+    def assume_full_rank(self):
+        return True
+
+    def allow_dependent_columns(self, operator):
+        return False
+
+    def allow_dependent_rows(self, operator):
+        return False
+
+
+def _cholesky(N: Array) -> Array:
+    """Cholesky factor of the symmetric positive semidefinite `N` after a
+    relative diagonal shift $\\epsilon\\, \\mathrm{diag}(N)$ only when rounding
+    makes the plain factorisation break down (the diagonal of $N$ spans up to
+    1e20 near the end, when active constraints tend to equalities):
+    $\\epsilon = 10^{-12}$, then $10^{-8}$, then $10^{-4}$. The shift only
+    changes the factorisation, which iterative refinement corrects, but
+    slowly (its contraction is about $\\epsilon$ times the condition number
+    of the Jacobi-scaled $N$, which grows like $1/\\mu$): an unconditional
+    $10^{-12}$ shift cost the one-step derivative 4e-6 on a random QP."""
+    diag = jnp.diag(N)
+
+    def attempt(eps):
+        return jnp.linalg.cholesky(N + jnp.diag(eps * diag))
+
+    def failed(L):
+        return ~jnp.all(jnp.isfinite(jnp.diag(L)))
+
+    L = attempt(0.0)
+    for eps in (1e-12, 1e-8, 1e-4):
+        L = jax.lax.cond(failed(L), lambda e=eps: attempt(e), lambda: L)
+    return L
+
+
+def _side_newton(v, L, U, eq, hl, hu, sd: _Sides, tl, tu):
+    """Eliminating the pairs of one block of constraints $L \\le v \\le U$.
+
+    With $t$ the right-hand sides of the linearised complementarity
+    $z\\Delta s + s\\Delta z = t$ and $p_l = v - L - s_l$, $p_u = U - v - s_u$,
+    the multiplier step on an inequality is
+    $\\Delta\\lambda = D\\,\\Delta v + g$, $D = z_l/s_l + z_u/s_u$; written
+    without dividing by a slack (slacks of active constraints tend to 0):
+    $\\Delta v - E\\,\\Delta\\lambda = r$ with
+    $E = 1/D = s_l s_u / (z_l s_u + z_u s_l)$ and
+    $r = -g/D = ((t_l - z_l p_l) s_u - (t_u - z_u p_u) s_l) / (z_l s_u + z_u s_l)$
+    (a missing side counts as $s = 1$, $z = 0$, $t = 0$).
+
+    Returns `(E, r, D, g, recover)`; `recover(dv, dlam)` gives the pairs'
+    steps from $\\Delta v$ and $\\Delta\\lambda$: slacks from the primal
+    equations, duals from $\\Delta\\lambda$ (one-sided) or from the
+    complementarity of the side with the larger slack (two-sided), never by
+    dividing by a vanishing slack.
     """
-    n, m, p = Qs.shape[0], A.shape[0], G.shape[0]
-    dtype = Qs.dtype
-    ratio = s / z
-    c = jnp.sqrt(jnp.minimum(1.0, 1.0 / ratio))
-    cG = c[:, None] * G
-    # A tiny static shift (quasi-definite regularization) keeps the system
-    # solvable for a semidefinite Q or dependent rows of A: the iterates then
-    # drift along a Farkas certificate, which `status` reports, instead of
-    # turning into NaN. Its scale is a constant safeguard, not part of the model.
-    delta_x = regularization * jax.lax.stop_gradient(1 + jnp.max(jnp.abs(jnp.diag(Qs))))
-    delta_y = regularization * jax.lax.stop_gradient(1 + _amax(A) ** 2)
-    M = jnp.concatenate(
-        [
-            jnp.concatenate([Qs + delta_x * jnp.eye(n, dtype=dtype), A.T, cG.T], axis=1),
-            jnp.concatenate(
-                [A, -delta_y * jnp.eye(m, dtype=dtype), jnp.zeros((m, p), dtype)], axis=1
-            ),
-            jnp.concatenate(
-                [cG, jnp.zeros((p, m), dtype), -jnp.diag(jnp.minimum(1.0, ratio))], axis=1
-            ),
-        ],
-        axis=0,
-    )
-    operator = lx.MatrixLinearOperator(M)
-    # One LU factorisation, computed on stopped values; the derivative of every
-    # solve with it is M⁻¹(dr - dM u), applied with the same factors
-    # (`itergrad._linear_solve`).
-    factorisation = _LU.init(lx.MatrixLinearOperator(jax.lax.stop_gradient(M)), {})
+    pl = v - L - sd.sl
+    pu = U - v - sd.su
+    sl = jnp.where(hl, sd.sl, 1.0)
+    su = jnp.where(hu, sd.su, 1.0)
+    zl = jnp.where(hl, sd.zl, 0.0)
+    zu = jnp.where(hu, sd.zu, 0.0)
+    nl = jnp.where(hl, tl - zl * pl, 0.0)
+    nu = jnp.where(hu, tu - zu * pu, 0.0)
+    den = zl * su + zu * sl
+    ineq = (hl | hu) & (den > 0)
+    safe = jnp.where(ineq, den, 1.0)
+    E = jnp.where(ineq, sl * su / safe, 1.0)
+    r = jnp.where(ineq, (nl * su - nu * sl) / safe, 0.0)
+    D = zl / sl + zu / su
+    g = nu / su - nl / sl
 
-    def solve(a1, a2, a3):
-        r = jnp.concatenate([a1, a2, c * a3])
-        # One step of iterative refinement: near the end the KKT matrix is
-        # ill-conditioned, and the refined step keeps the one-step derivative
-        # at the (1 - α) gap (QP n=300: 3.6e-9 vs Implicit; 8e-8 without).
-        u = linear_solve(
-            operator, r, _LU, state=factorisation, refinement_steps=1
-        ).value
-        return u[:n], u[n : n + m], c * u[n + m :]
+    def recover(dv, dlam):
+        dsl = jnp.where(hl, dv + pl, 0.0)
+        dsu = jnp.where(hu, pu - dv, 0.0)
+        two = hl & hu
+        use_l = sl >= su
+        dzl2 = jnp.where(use_l, (tl - zl * dsl) / sl, 0.0)
+        dzu2 = jnp.where(use_l, 0.0, (tu - zu * dsu) / su)
+        dzl2 = jnp.where(use_l, dzl2, dzu2 - dlam)
+        dzu2 = jnp.where(use_l, dlam + dzl2, dzu2)
+        dzl = jnp.where(two, dzl2, jnp.where(hl, -dlam, jnp.where(eq, dlam, 0.0)))
+        dzu = jnp.where(two, dzu2, jnp.where(hu, dlam, 0.0))
+        return _Sides(dsl, dzl, dsu, dzu)
 
-    return solve
+    return E, r, D, g, recover
 
 
-class InteriorPointQP(AbstractSolver):
+class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     """Primal-dual predictor-corrector (Mehrotra) interior point method for
-    the convex QP of eq. (12), as in CVXOPT's `coneqp` and OptNet.
+    the convex QP of eq. (12) with two-sided rows and bounds (`ig.QP`), in the
+    style of CVXOPT's `coneqp` and OptNet.
 
-    The unknowns are $w = (x, s, z, y)$ with slacks $Gx + s = h$, $s, z > 0$. The
-    KKT residual (`optimality`) is
-    $\\Phi(w, \\theta) = (Qx + q + A^\\top y + G^\\top z,\\ Ax - b,\\ Gx + s - h,\\ s\\circ z)$.
-    One step $F(w, \\theta)$:
+    Every constraint is seen as $L \\le v \\le U$ with $v = Kx$ a row
+    ($K = [A; G; C]$) or $v = x_j$ a bound; each finite side has a slack and a
+    dual, $v - L = s_l$, $U - v = s_u$, $s, z > 0$; equalities ($L = U$) have a
+    free multiplier. The multiplier of $v$ is $\\lambda = z_u - z_l$. The KKT
+    residual (`optimality`) is $\\Phi(w, \\theta) = (Px + q + K^\\top\\lambda
+    + \\lambda_b,\\ v - L - s_l,\\ U - v - s_u,\\ s_l \\circ z_l,\\ s_u \\circ
+    z_u)$ (with placeholder equations on infinite sides). One step
+    $F(w, \\theta)$:
 
-    1. Predictor: the Newton direction $\\Delta^a$ of $\\Phi = 0$,
-       $J_w\\Phi(w)\\,\\Delta^a = -\\Phi(w, \\theta)$; $\\alpha^a$ the largest
-       step in $[0, 1]$ keeping $s, z \\ge 0$;
-       $\\mu = s^\\top z / p$, $\\mu^a = (s + \\alpha^a \\Delta s^a)^\\top(z + \\alpha^a \\Delta z^a)/p$,
+    1. Predictor: the Newton direction $\\Delta^a$ of $\\Phi = 0$; $\\alpha^a$
+       the largest step in $[0, 1]$ keeping $s, z \\ge 0$;
+       $\\mu = s^\\top z / p$, $\\mu^a$ the same after the step,
        $\\sigma = \\min(1, (\\mu^a/\\mu)^3)$.
-    2. Corrector: $J_w\\Phi(w)\\,\\Delta = -\\Phi(w, \\theta) - (0, 0, 0,
-       \\Delta s^a \\circ \\Delta z^a - \\sigma\\mu\\mathbf{1})$, with the same
-       factorisation.
-    3. $w^+ = w + \\alpha\\Delta$ with $\\alpha = \\min(1, \\eta\\,\\alpha_{\\max})$,
-       $\\alpha_{\\max}$ the step to the boundary of $s, z \\ge 0$ and
+    2. Corrector: the Newton direction with complementarity target
+       $\\sigma\\mu - \\Delta s^a \\circ \\Delta z^a$, same factorisation.
+    3. $w^+ = w + \\alpha\\Delta$, $\\alpha = \\min(1, \\eta\\,\\alpha_{\\max})$,
        $\\eta = \\max(\\eta_{\\min}, 1 - \\mu)$. Like a line search, $\\alpha$
        is a safeguard and carries no derivative.
 
-    The Newton systems are solved after eliminating $\\Delta s$: one LU
-    factorisation per step of the $(n + m + p)$ augmented KKT matrix, with the
-    inequality block scaled by $\\min(1, \\sqrt{z/s})$ so that it stays well
-    conditioned as the gap closes, shared by predictor and corrector (cost
-    $\\tfrac23 (n + m + p)^3$). Differentiating a step reuses that factorisation
-    (triangular solves only). As the gap closes $\\sigma \\to 0$ and
-    $\\eta \\to 1$, so the last steps are (nearly) full Newton steps on
-    $\\Phi = 0$ and $J_w F \\to 0$ at the solution (`superlinear`): the one-step
-    derivative `ig.OneStep()` then matches implicit differentiation up to
-    $O(\\|w_{k-1} - \\bar w\\|)$ (Corollary 3), and the stopping rule (see
-    `residual_norm`) makes $w_{k-1}$ itself converged.
+    **Newton system.** Slacks and duals are eliminated: bounds add the diagonal
+    $z_l/s_l + z_u/s_u$ to $P$ (fixed variables are eliminated exactly), rows
+    give the quasi-definite augmented matrix
+    $\\begin{pmatrix} P + D_b & K^\\top C \\\\ C K & -E\\end{pmatrix}$ with the
+    row scaling $C = \\min(1, \\sqrt{D})$, $E = \\min(1, 1/D)$ on inequality rows
+    ($E = 0$ on equalities). It is solved through one Cholesky factorisation
+    of the $n \\times n$ reduced matrix of its regularised version
+    (proximal shifts `factorization_regularization` in Ruiz-scaled units),
+    followed by `refinement_steps` of iterative refinement against the true
+    matrix: cost $n^3/3 + r n^2$ per step for $r$ rows, shared by predictor,
+    corrector and every derivative of the step (`itergrad._linear_solve`,
+    with the refinement inside the solver so that the derivative solves are
+    refined too).
 
-    `init(None, qp)` is CVXOPT's starting point (one KKT solve with
-    $\\mathrm{diag}(z/s) = I$, then slacks and duals shifted to be positive);
-    `init(x0, qp)` replaces its $x$ by `x0` (interior point methods gain little
-    from warm starts). The starting point is a constant: its dependence on
-    $\\theta$ is not differentiated.
+    **Scaling.** `init` computes a Ruiz equilibration of
+    $\\begin{pmatrix} P & K^\\top \\\\ K & 0\\end{pmatrix}$ and a cost scaling
+    (kept in the auxiliary state): the starting point, the regularisation and
+    the infeasibility tests are defined in scaled units; the unknowns stay in
+    the original units, so derivatives need no unscaling.
+
+    **Stopping.** `residual_norm` is the absolute KKT error of the original
+    problem, the QP benchmarks' measure: the max of the primal residual
+    (constraint violation of $x$ and the slack equations), the dual residual
+    $\\|Px + q + K^\\top\\lambda + \\lambda_b\\|_\\infty$, the duality gap
+    $|x^\\top P x + q^\\top x + \\sum U\\lambda^+ + L\\lambda^-|$ and the largest
+    complementarity product; of both $w_{k-1}$ and $w_k$, so that the
+    differentiated last step starts at the solution and `ig.OneStep()` matches
+    `ig.Implicit()` (Corollary 3). `itergrad.solve` stops when it is at most
+    `atol + rtol * ||x||`.
 
     **Arguments:**
 
     - `eta_min`: the floor $\\eta_{\\min} \\in (0, 1)$ of the fraction-to-boundary
       factor (default `0.99`).
-    - `regularization`: relative diagonal shift of the two factorised matrices
-      (default `1e-14`); a safeguard for a semidefinite $Q$ or dependent rows
-      of $A$, negligible otherwise.
+    - `regularization`: the diagonal shift of the true Newton matrix (in
+      scaled units, default `1e-14`): a safeguard for a singular $P$ or
+      dependent rows, negligible otherwise.
+    - `factorization_regularization`: the larger shift of the factorised
+      matrix (default `1e-9`), removed by the refinement.
+    - `refinement_steps`: iterative refinement steps per solve (default 3).
     - `infeasibility_tol`: tolerance of the Farkas certificates checked after
-      every step (default `1e-9`): primal infeasibility when
-      $b^\\top y + h^\\top z < 0$ and $\\|A^\\top y + G^\\top z\\|$ is below
-      `infeasibility_tol` times it (normalised by the data), unboundedness when
-      $q^\\top x < 0$ and $\\|Qx\\|, \\|Ax\\|, \\max(Gx)_+$ are; the solve then stops
-      with `RESULTS.infeasible`.
+      every step (default `1e-9`): primal infeasibility when the multipliers
+      $\\lambda$ satisfy $K^\\top\\lambda + \\lambda_b \\approx 0$ with
+      $\\sum U\\lambda^+ + L\\lambda^- < 0$, unboundedness when $Px \\approx 0$,
+      $x$ is in the recession cone of the constraints and $q^\\top x < 0$;
+      the solve then stops with `RESULTS.infeasible`.
 
     !!! warning
 
-        Needs `Q` positive definite on the null space of `A`, `A` of full row
-        rank and, for a differentiable solution, strict complementarity;
-        otherwise `Implicit` reports a failed linear solve. The tolerances
-        `rtol`/`atol` of `itergrad.solve` apply to a relative KKT residual (see
-        `residual_norm`); in float32 use about `1e-5`.
+        For a differentiable solution, the solution must be unique with
+        linearly independent active constraints and strict complementarity;
+        otherwise `Implicit` reports a failed linear solve, and `OneStep`
+        returns the derivative of a step that is not a valid Jacobian.
     """
 
     eta_min: float = 0.99
     regularization: float = 1e-14
+    factorization_regularization: float = 1e-9
+    refinement_steps: int = 3
     infeasibility_tol: float = 1e-9
 
     superlinear: ClassVar[bool] = True
@@ -215,159 +427,380 @@ class InteriorPointQP(AbstractSolver):
     def __check_init__(self):
         in_open_interval(self.eta_min, "InteriorPointQP(eta_min=...)", 0, 1)
         nonnegative_float(self.regularization, "InteriorPointQP(regularization=...)")
+        positive_float(
+            self.factorization_regularization,
+            "InteriorPointQP(factorization_regularization=...)",
+        )
+        nonnegative_int(self.refinement_steps, "InteriorPointQP(refinement_steps=...)")
         positive_float(self.infeasibility_tol, "InteriorPointQP(infeasibility_tol=...)")
 
-    def init(self, x0: Float[Array, " n"] | None, theta: QP) -> tuple[_PrimalDual, RESULTS]:
+    # -- the Newton system ---------------------------------------------------
+
+    def _newton(self, w: _PrimalDual, qp: QP, aux: _Aux):
+        """Eliminate slacks and duals and factorise once; returns
+        `direction(targets) -> Δw` for complementarity targets."""
+        cf = _canonical(qp)
+        n = qp.Q.shape[0]
+        dt = qp.Q.dtype
+        x = w.x
+        rs, bs = _row_sides(w), w.bounds
+        v = cf.K @ x
+        res = kkt_residual(w, qp)
+        nb = bs.sl.shape[0]
+        dual = res.dual
+        d, e, c = aux.d, aux.e, aux.c
+
+        def build(tl, tu, btl, btu):
+            E, r, _, _, rec = _side_newton(v, cf.L, cf.U, cf.eq, cf.hl, cf.hu, rs, tl, tu)
+            if nb:
+                _, _, DB, gB, brec = _side_newton(
+                    x, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu, bs, btl, btu
+                )
+                DB = jnp.where(cf.bhl | cf.bhu, DB, 0.0)
+                gB = jnp.where(cf.bhl | cf.bhu, gB, 0.0)
+            else:
+                DB = gB = jnp.zeros((n,), dt)
+                brec = None
+            return E, r, rec, DB, gB, brec
+
+        zeros_r = jnp.zeros_like(v)
+        zeros_b = jnp.zeros((nb,), dt)
+        E0, _, _, DB, _, _ = build(zeros_r, zeros_r, zeros_b, zeros_b)
+        fixed = cf.beq if nb else jnp.zeros((n,), bool)
+        ineq = cf.hl | cf.hu
+        # Rows scaled by c = min(1, 1/sqrt(E)): active rows (E → 0) tend to
+        # equalities, inactive ones (E → ∞) decouple; the matrix stays well
+        # conditioned as the gap closes.
+        cs = jnp.where(ineq, jnp.sqrt(jnp.minimum(1.0, 1.0 / E0)), jnp.where(cf.eq, 1.0, 0.0))
+        # Equalities: E = 0 up to the safeguard shift, in Ruiz-scaled units
+        # (E = δ c / e² is a shift δ of the scaled matrix).
+        E = jnp.where(ineq, jnp.minimum(1.0, E0), jnp.where(cf.eq, self.regularization * c / e**2, 1.0))
+        H = jnp.where(fixed[None, :] | fixed[:, None], 0.0, cf.P + jnp.diag(DB))
+        H = H + jnp.diag(jnp.where(fixed, 1.0, self.regularization / (c * d**2)))
+        Kc = jnp.where(fixed[None, :], 0.0, cs[:, None] * cf.K)
+        true = _Augmented(H, Kc, E)
+        # The factorisation: proximal shifts δ_f in scaled units, removed by the
+        # refinement; computed on stopped values (the derivative never goes
+        # through it, see `itergrad._linear_solve`).
+        Hs, Ks, Es = jax.lax.stop_gradient((H, Kc, E))
+        delta = self.factorization_regularization
+        # Every row gets at least the proximal shift: active inequalities tend
+        # to equalities (E → 0) and are treated alike.
+        Einv = 1.0 / jnp.maximum(Es, delta * c / e**2)
+        N = Hs + jnp.diag(delta / (c * d**2)) + (Ks.T * Einv) @ Ks
+        chol = _cholesky(N)
+        state = (chol, Ks, Einv, jax.lax.stop_gradient(true))
+        operator = lx.FunctionLinearOperator(
+            true.mv, jax.ShapeDtypeStruct((n + v.shape[0],), dt), lx.symmetric_tag
+        )
+        solver = _QuasiDefiniteCholesky(self.refinement_steps)
+
+        def direction(tl, tu, btl, btu):
+            _, r, rec, DB, gB, brec = build(tl, tu, btl, btu)
+            a1 = -dual - gB
+            a2 = jnp.where(cf.eq, -(v - cf.L), cs * r)
+            if nb:
+                dxf = jnp.where(fixed, -(x - cf.bL), 0.0)
+                a1 = jnp.where(fixed, dxf, a1 - (cf.P + jnp.diag(DB)) @ dxf)
+                a2 = a2 - cs * (cf.K @ dxf)
+            u = linear_solve(operator, jnp.concatenate([a1, a2]), solver, state=state).value
+            dx = u[:n]
+            dlam = cs * u[n:]
+            drs = rec(cf.K @ dx, dlam)
+            if nb:
+                # Bound multipliers from the stationarity rows (no division by
+                # a vanishing slack); exact for fixed variables.
+                dlam_b = -dual - cf.P @ dx - cf.K.T @ dlam
+                assert brec is not None
+                dbs = brec(dx, dlam_b)
+            else:
+                dbs = bs
+            return dx, drs, dbs
+
+        return direction, rs, bs, cf
+
+    def init(self, x0: Float[Array, " n"] | None, theta: QP) -> tuple[_PrimalDual, _Aux]:
         check_qp(theta)
         qp = jax.lax.stop_gradient(theta)
         n, m, p = qp.sizes
+        dt = qp.Q.dtype
         if x0 is not None:
             x0 = jnp.asarray(x0)
             if x0.shape != (n,):
                 raise ValueError(
                     f"InteriorPointQP: `x0` must have shape (n,) = ({n},), got {x0.shape}."
                 )
-        Qs = _symmetric(qp.Q)
-        ones = jnp.ones((p,), Qs.dtype)
-        solve = _kkt_solver(Qs, qp.A, qp.G, ones, ones, self.regularization)
-        # CVXOPT: solve [Q Aᵀ Gᵀ; A 0 0; G 0 -I](x, y, z) = (-q, b, h), i.e.
-        # min ½xᵀQx + qᵀx + ½‖Gx - h‖² s.t. Ax = b, then s = -z = h - Gx.
-        x, y, _ = solve(-qp.q, qp.b, qp.h)
-        if x0 is not None:
-            x = jax.lax.stop_gradient(x0).astype(Qs.dtype)
-        z = qp.G @ x - qp.h
-        s = -z
-        w = _PrimalDual(x=x, s=_shift_positive(s), z=_shift_positive(z), y=y)
-        return w, RESULTS.successful
+        cf = _canonical(qp)
+        d, e, c = _ruiz(cf.P, cf.K, cf.q)
+        aux = _Aux(RESULTS.successful, d, e, c)
+        k, nb = qp.rows, qp.lb.shape[0]
 
-    def step(
-        self, z: _PrimalDual, aux: RESULTS, theta: QP
-    ) -> tuple[_PrimalDual, RESULTS]:
-        qp, w = theta, z
-        x, s, zz, y = w.x, w.s, w.z, w.y
-        _, _, p = qp.sizes
-        Qs = _symmetric(qp.Q)
-        G = qp.G
-        residual = kkt_residual(w, qp, Qs)
-        rx, ry, rz = residual.dual, residual.equality, residual.inequality
-        solve = _kkt_solver(Qs, qp.A, G, s, zz, self.regularization)
-        if p == 0:
-            # Equality-constrained QP: one Newton step solves it exactly.
-            dx, dy, _ = solve(-rx, -ry, rz)
-            new = _PrimalDual(x=x + dx, s=s, z=zz, y=y + dy)
-        else:
+        def placeholder(size):
+            return _Sides(*(jnp.ones((size,), dt) if i % 2 == 0 else jnp.zeros((size,), dt)
+                            for i in range(4)))
 
-            def direction(rs):
-                # Newton system of Φ with -rs on the complementarity row:
-                # Δs = -rz - GΔx and z∘Δs + s∘Δz = -rs give
-                # GΔx - (s/z)∘Δz = rs/z - rz.
-                dx, dy, dz = solve(-rx, -ry, rs / zz - rz)
-                return dx, -rz - G @ dx, dz, dy
-
-            mu = jnp.dot(s, zz) / p
-            _, ds_a, dz_a, _ = direction(s * zz)
-            alpha_a = jnp.minimum(1.0, jnp.minimum(_max_step(s, ds_a), _max_step(zz, dz_a)))
-            mu_a = jnp.dot(s + alpha_a * ds_a, zz + alpha_a * dz_a) / p
-            positive = mu > 0
-            safe_mu = jnp.where(positive, mu, 1.0)
-            sigma = jnp.where(positive, jnp.clip(mu_a / safe_mu, 0.0, 1.0) ** 3, 0.0)
-            dx, ds, dz, dy = direction(s * zz + ds_a * dz_a - sigma * mu)
-            alpha_max = jnp.minimum(_max_step(s, ds), _max_step(zz, dz))
-            # The fraction to the boundary tends to 1 with the gap, so that the
-            # last, differentiated steps are full Newton steps up to O(μ)
-            # (a fixed 0.99999 would bias the one-step derivative by 1e-5).
-            eta = jnp.maximum(self.eta_min, 1.0 - mu)
-            # The step length is a safeguard (which pair reaches the boundary
-            # first), like Newton's line search: it carries no derivative.
-            # Differentiating it adds Δ ∂α/∂θ with ∂α_max ∝ 1/s_i for a pair
-            # whose s_i → 0: measured 10x worse one-step derivatives (QP
-            # n=300: 1.8e-7 instead of 1.7e-8; n=1000: 9e-7 instead of 8e-8).
-            alpha = jax.lax.stop_gradient(jnp.minimum(1.0, eta * alpha_max))
-            new = _PrimalDual(
-                x=x + alpha * dx, s=s + alpha * ds, z=zz + alpha * dz, y=y + alpha * dy
-            )
-        return new, self._certificate(new, qp, Qs)
-
-    def _certificate(self, w: _PrimalDual, qp: QP, Qs: Array) -> RESULTS:
-        """`RESULTS.infeasible` when the iterate carries a Farkas certificate of
-        primal infeasibility or of unboundedness."""
-        tol = self.infeasibility_tol
-        A, b, G, h = qp.A, qp.b, qp.G, qp.h
-        x, z, y = w.x, w.z, w.y
-        # Primal infeasibility: Aᵀy + Gᵀz = 0, z >= 0, bᵀy + hᵀz < 0.
-        t_p = -(jnp.dot(b, y) + jnp.dot(h, z))
-        r_p = _amax(A.T @ y + G.T @ z)
-        scale_mat = 1 + jnp.maximum(_amax(A), _amax(G))
-        scale_rhs = 1 + jnp.maximum(_amax(b), _amax(h))
-        primal = (t_p > 0) & (r_p * scale_rhs <= tol * t_p * scale_mat)
-        # Unboundedness: Qx = 0, Ax = 0, Gx <= 0, qᵀx < 0.
-        t_d = -jnp.dot(qp.q, x)
-        Gx = G @ x
-        r_d = jnp.maximum(
-            jnp.maximum(_amax(Qs @ x) / (1 + _amax(Qs)), _amax(A @ x) / scale_mat),
-            (jnp.max(jnp.maximum(Gx, 0.0)) if Gx.size else 0.0) / scale_mat,
+        # Starting point: the Newton system with every scaled pair at (1, 1),
+        # i.e. min ½xᵀPx + qᵀx + ½Σ D (v - t)² over rows and bounds, with
+        # targets t at the finite bound (the midpoint of two finite ones) and
+        # equalities exact (CVXOPT's start for Gx <= h); then slacks and duals
+        # shifted to be positive in scaled units.
+        w0 = _PrimalDual(
+            x=jnp.zeros((n,), dt), s=jnp.ones((p,), dt), z=jnp.ones((p,), dt),
+            y=jnp.zeros((m,), dt), rows=placeholder(k), bounds=placeholder(nb),
         )
-        dual = (t_d > 0) & (r_d * (1 + _amax(qp.q)) <= tol * t_d)
+        # Every pair gets z/s = 1 in scaled units (e²/c for rows, 1/(c d²) for
+        # bounds); the slacks place the Newton step's target t at the midpoint
+        # of two finite sides, or one scaled unit inside a single one.
+        rD = e**2 / c
+
+        def start_pairs(L, U, eq, hl, hu, D, unit):
+            two = hl & hu
+            sl = jnp.where(hl, jnp.where(two, 0.5 * (U - L), unit), 1.0)
+            su = jnp.where(hu, jnp.where(two, 0.5 * (U - L), unit), 1.0)
+            half = jnp.where(two, 0.5, 1.0)
+            zl = jnp.where(hl, half * D * sl, 0.0)
+            zu = jnp.where(hu, half * D * su, 0.0)
+            t = jnp.where(two, 0.5 * (L + U), jnp.where(hl, L + sl, jnp.where(hu, U - su, 0.0)))
+            return _Sides(sl, zl, su, zu), t
+
+        rs0, t_rows = start_pairs(cf.L, cf.U, cf.eq, cf.hl, cf.hu, rD, 1.0 / e)
+        if nb:
+            bD = 1.0 / (c * d**2)
+            bs0, t_b = start_pairs(cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu, bD, d)
+        else:
+            bD = t_b = jnp.zeros((0,), dt)
+            bs0 = placeholder(0)
+        w1 = _from_row_sides(w0, w0.x, rs0, bs0)
+        direction, rs, bs, _ = self._newton(w1, qp, aux)
+        zr = jnp.zeros_like(cf.L)
+        zb = jnp.zeros((nb,), dt)
+        dx, drs, dbs = direction(zr, zr, zb, zb)
+        x = dx  # from x = 0
+        if x0 is not None:
+            x = jax.lax.stop_gradient(x0).astype(dt)
+        lam = jnp.where(cf.eq, drs.zl, rD * (cf.K @ dx - t_rows))
+        v = cf.K @ x
+        # Slacks from x; duals from the multiplier estimate, shifted positive
+        # (in scaled units: s·e for rows, s/d for bounds; z/e·c, z·d·c).
+        sl = jnp.where(cf.hl, v - cf.L, 1.0)
+        su = jnp.where(cf.hu, cf.U - v, 1.0)
+        zl = jnp.where(cf.hl, -lam, 0.0)
+        zu = jnp.where(cf.hu, lam, 0.0)
+        rows_s = _Sides(
+            sl=_shift_positive(sl * e, cf.hl) / e, zl=_shift_positive(zl * c / e, cf.hl) * e / c,
+            su=_shift_positive(su * e, cf.hu) / e, zu=_shift_positive(zu * c / e, cf.hu) * e / c,
+        )
+        rows_s = eqx.tree_at(lambda t: t.zl, rows_s, jnp.where(cf.eq, lam, rows_s.zl))
+        if nb:
+            blam = jnp.where(cf.beq, dbs.zl, bD * (dx - t_b))
+            bsl = jnp.where(cf.bhl, x - cf.bL, 1.0)
+            bsu = jnp.where(cf.bhu, cf.bU - x, 1.0)
+            bzl = jnp.where(cf.bhl, -blam, 0.0)
+            bzu = jnp.where(cf.bhu, blam, 0.0)
+            b_s = _Sides(
+                sl=_shift_positive(bsl / d, cf.bhl) * d, zl=_shift_positive(bzl * c * d, cf.bhl) / (c * d),
+                su=_shift_positive(bsu / d, cf.bhu) * d, zu=_shift_positive(bzu * c * d, cf.bhu) / (c * d),
+            )
+            b_s = eqx.tree_at(lambda t: t.zl, b_s, jnp.where(cf.beq, blam, b_s.zl))
+        else:
+            b_s = bs
+        w = _from_row_sides(w0, x, rows_s, b_s)
+        return w, aux
+
+    def step(self, z: _PrimalDual, aux: _Aux, theta: QP) -> tuple[_PrimalDual, _Aux]:
+        qp, w = theta, z
+        direction, rs, bs, cf = self._newton(w, qp, aux)
+        nb = bs.sl.shape[0]
+
+        def products(r: _Sides, b: _Sides):
+            pr = jnp.concatenate([jnp.where(cf.hl, r.sl * r.zl, 0.0), jnp.where(cf.hu, r.su * r.zu, 0.0)])
+            if nb:
+                pr = jnp.concatenate([pr, jnp.where(cf.bhl, b.sl * b.zl, 0.0),
+                                      jnp.where(cf.bhu, b.su * b.zu, 0.0)])
+            return pr
+
+        count = jnp.sum(cf.hl) + jnp.sum(cf.hu) + (jnp.sum(cf.bhl) + jnp.sum(cf.bhu) if nb else 0)
+        count = jnp.maximum(count, 1)
+        mu = jnp.sum(products(rs, bs)) / count
+
+        def go(tl, tu, btl, btu):
+            return direction(tl, tu, btl, btu)
+
+        def alpha_max(dr: _Sides, db: _Sides):
+            steps = [_max_step(jnp.where(cf.hl, rs.sl, 1.0), dr.sl), _max_step(jnp.where(cf.hl, rs.zl, 1.0), jnp.where(cf.hl, dr.zl, 0.0)),
+                     _max_step(jnp.where(cf.hu, rs.su, 1.0), dr.su), _max_step(jnp.where(cf.hu, rs.zu, 1.0), dr.zu)]
+            if nb:
+                steps += [_max_step(jnp.where(cf.bhl, bs.sl, 1.0), db.sl), _max_step(jnp.where(cf.bhl, bs.zl, 1.0), jnp.where(cf.bhl, db.zl, 0.0)),
+                          _max_step(jnp.where(cf.bhu, bs.su, 1.0), db.su), _max_step(jnp.where(cf.bhu, bs.zu, 1.0), db.zu)]
+            return jnp.min(jnp.stack(steps))
+
+        zb = jnp.zeros((nb,), rs.sl.dtype)
+        tl0 = -jnp.where(cf.hl, rs.sl * rs.zl, 0.0)
+        tu0 = -jnp.where(cf.hu, rs.su * rs.zu, 0.0)
+        btl0 = -jnp.where(cf.bhl, bs.sl * bs.zl, 0.0) if nb else zb
+        btu0 = -jnp.where(cf.bhu, bs.su * bs.zu, 0.0) if nb else zb
+        _, dra, dba = go(tl0, tu0, btl0, btu0)
+        alpha_a = jnp.minimum(1.0, alpha_max(dra, dba))
+
+        def add(a: _Sides, da: _Sides, t):
+            return _Sides(*(u + t * du for u, du in zip(
+                (a.sl, a.zl, a.su, a.zu), (da.sl, da.zl, da.su, da.zu), strict=True)))
+
+        mu_a = jnp.sum(products(add(rs, dra, alpha_a), add(bs, dba, alpha_a) if nb else bs)) / count
+        positive = mu > 0
+        safe_mu = jnp.where(positive, mu, 1.0)
+        sigma = jnp.where(positive, jnp.clip(mu_a / safe_mu, 0.0, 1.0) ** 3, 0.0)
+        sm = sigma * mu
+        tl = jnp.where(cf.hl, tl0 + sm - dra.sl * dra.zl, 0.0)
+        tu = jnp.where(cf.hu, tu0 + sm - dra.su * dra.zu, 0.0)
+        btl = jnp.where(cf.bhl, btl0 + sm - dba.sl * dba.zl, 0.0) if nb else zb
+        btu = jnp.where(cf.bhu, btu0 + sm - dba.su * dba.zu, 0.0) if nb else zb
+        dx, dr, db = go(tl, tu, btl, btu)
+        # The fraction to the boundary tends to 1 with the gap, so that the
+        # last, differentiated steps are full Newton steps up to O(μ)
+        # (a fixed 0.99999 would bias the one-step derivative by 1e-5).
+        # Capped below 1 so that no slack or dual becomes exactly 0 (the
+        # elimination divides by slacks); the bias this leaves in the
+        # one-step derivative is of the order of the cap, 1e-12.
+        eta = jnp.clip(1.0 - mu, self.eta_min, 1.0 - 1e-12)
+        # The step length is a safeguard (which pair reaches the boundary
+        # first), like Newton's line search: it carries no derivative.
+        # Differentiating it adds Δ ∂α/∂θ with ∂α_max ∝ 1/s_i for a pair
+        # whose s_i → 0: measured 10x worse one-step derivatives (QP
+        # n=300: 1.8e-7 instead of 1.7e-8; n=1000: 9e-7 instead of 8e-8).
+        alpha = jax.lax.stop_gradient(jnp.minimum(1.0, eta * alpha_max(dr, db)))
+        new_rows = add(rs, dr, alpha)
+        new_b = add(bs, db, alpha) if nb else bs
+        new = _from_row_sides(w, w.x + alpha * dx, new_rows, new_b)
+        return new, _Aux(self._certificate(new, qp, aux), aux.d, aux.e, aux.c)
+
+    def _certificate(self, w: _PrimalDual, qp: QP, aux: _Aux) -> RESULTS:
+        """`RESULTS.infeasible` when the iterate carries a Farkas certificate of
+        primal infeasibility or of unboundedness (tests in Ruiz-scaled units)."""
+        tol = self.infeasibility_tol
+        cf = _canonical(qp)
+        d, e = aux.d, aux.e
+        res = kkt_residual(w, qp)
+        lam, blam = res.lam, res.blam
+        # Primal infeasibility: Kᵀλ + λ_b = 0 and Σ U λ⁺ + L λ⁻ < 0.
+        Ktl = cf.K.T @ lam + (blam if blam.size else 0.0)
+
+        def support(lm, L, U, eq, hl, hu):
+            return jnp.sum(jnp.where(eq, L * lm, jnp.where(hu, U * jnp.maximum(lm, 0.0), 0.0)
+                                     + jnp.where(hl, L * jnp.minimum(lm, 0.0), 0.0)))
+
+        t_p = -(support(lam, cf.L, cf.U, cf.eq, cf.hl, cf.hu)
+                + (support(blam, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu) if blam.size else 0.0))
+        # Scaled units: λ̂ = λ/e (rows), residual d ⊙ (Kᵀλ), rhs e ⊙ (L, U).
+        scale = 1 + jnp.maximum(_amax(e * cf.L), _amax(e * cf.U))
+        r_p = _amax(d * Ktl)
+        lam_norm = jnp.maximum(_amax(lam / e), _amax(blam * d) if blam.size else 0.0)
+        primal = (t_p > 0) & (r_p * scale <= tol * t_p) & (lam_norm > 0)
+        # Unboundedness: Px = 0, x in the recession cone, qᵀx < 0.
+        x = w.x
+        t_d = -jnp.dot(cf.q, x)
+        Kx = cf.K @ x
+
+        def cone_violation(v, eq, hl, hu, sc):
+            return _amax(sc * jnp.where(eq, v, jnp.where(hu, jnp.maximum(v, 0.0), 0.0)
+                                        + jnp.where(hl, jnp.maximum(-v, 0.0), 0.0)))
+
+        r_d = jnp.maximum(_amax(d * (cf.P @ x)), cone_violation(Kx, cf.eq, cf.hl, cf.hu, e))
+        if blam.size:
+            r_d = jnp.maximum(r_d, cone_violation(x, cf.beq, cf.bhl, cf.bhu, 1.0 / d))
+        dual = (t_d > 0) & (r_d * (1 + _amax(d * cf.q)) <= tol * t_d)
         return RESULTS.where(primal | dual, RESULTS.infeasible, RESULTS.successful)
 
     def value(self, z: _PrimalDual) -> Float[Array, " n"]:
         return z.x
 
-    def optimality(self, z: _PrimalDual, aux: RESULTS, theta: QP) -> _PrimalDual:
-        """The KKT residual $\\Phi(w, \\theta)$ over $w = (x, s, z, y)$:
-        $(Qx + q + A^\\top y + G^\\top z,\\ s \\circ z,\\ Gx + s - h,\\ Ax - b)$ in
-        the slots of $(x, s, z, y)$ (a square system, invertible at a strictly
-        complementary solution with linearly independent active
-        constraints)."""
-        residual = kkt_residual(z, theta, _symmetric(theta.Q))
+    def optimality(self, z: _PrimalDual, aux: _Aux, theta: QP) -> _PrimalDual:
+        """The KKT residual $\\Phi(w, \\theta)$, in the slots of $w$: the dual
+        residual in `x`; for each constraint its primal residual and
+        complementarity (placeholder equations on infinite sides). A square
+        system, invertible at a strictly complementary solution with linearly
+        independent active constraints."""
+        r = kkt_residual(z, theta)
+        m, p = z.y.shape[0], z.s.shape[0]
+        rows = r.rows
         return _PrimalDual(
-            x=residual.dual, s=z.s * z.z, z=residual.inequality, y=residual.equality
+            x=r.dual,
+            s=rows.su[m : m + p],
+            z=rows.zu[m : m + p],
+            y=rows.sl[:m],
+            rows=_Sides(rows.sl[m + p :], rows.zl[m + p :], rows.su[m + p :], rows.zu[m + p :]),
+            bounds=r.bounds,
         )
 
     def residual_norm(
-        self, z: _PrimalDual, new_z: _PrimalDual, new_aux: RESULTS, theta: QP
+        self, z: _PrimalDual, new_z: _PrimalDual, new_aux: _Aux, theta: QP
     ) -> Scalar:
-        """The larger relative KKT error of $w_{k-1}$ (`z`) and $w_k$
-        (`new_z`), where the error of $w$ is the max of
+        """The larger absolute KKT error of $w_{k-1}$ (`z`) and $w_k$
+        (`new_z`): the max of the primal residual, the dual residual, the
+        duality gap and the largest complementarity product (see the class
+        docstring). Requiring $w_{k-1}$ to be converged too costs about one
+        extra step and makes the differentiated last step start at the
+        solution, so that `OneStep` is as accurate as `Implicit`."""
+        return jnp.maximum(kkt_error(z, theta), kkt_error(new_z, theta))
 
-        - $\\|Qx + q + A^\\top y + G^\\top z\\|_\\infty / (1 + \\max(\\|Qx\\|_\\infty, \\|q\\|_\\infty, \\|A^\\top y\\|_\\infty, \\|G^\\top z\\|_\\infty))$,
-        - $\\|Ax - b\\|_\\infty / (1 + \\max(\\|Ax\\|_\\infty, \\|b\\|_\\infty))$,
-        - $\\|Gx + s - h\\|_\\infty / (1 + \\max(\\|Gx\\|_\\infty, \\|s\\|_\\infty, \\|h\\|_\\infty))$,
-        - complementarity pair by pair, $\\max_i s_i z_i / (1 + \\max(\\|s\\|_\\infty, \\|z\\|_\\infty))$.
-
-        Requiring $w_{k-1}$ to be converged too costs about one extra step and
-        makes the differentiated last step start at the solution, so that
-        `OneStep` is as accurate as `Implicit` (Corollary 3)."""
-        return jnp.maximum(_kkt_error(z, theta), _kkt_error(new_z, theta))
-
-    def status(self, aux: RESULTS) -> RESULTS:
-        return aux
+    def status(self, aux: _Aux) -> RESULTS:
+        return aux.result
 
 
-def _kkt_error(w: _PrimalDual, qp: QP) -> Scalar:
-    r = kkt_residual(w, qp, _symmetric(qp.Q))
-    dual = _amax(r.dual) / (
-        1 + jnp.max(jnp.stack([_amax(r.Qx), _amax(qp.q), _amax(r.Aty), _amax(r.Gtz)]))
+def kkt_error(w: _PrimalDual, qp: QP) -> Scalar:
+    """The absolute KKT error of $w$ on `qp` (the stopping measure)."""
+    r = kkt_residual(w, qp)
+    cf = _canonical(qp)
+    m, p = qp.sizes[1], qp.sizes[2]
+    del m, p
+    slack = jnp.maximum(
+        jnp.maximum(_amax(jnp.where(cf.hl | cf.eq, r.rows.sl, 0.0)), _amax(jnp.where(cf.hu, r.rows.su, 0.0))),
+        jnp.maximum(_amax(jnp.where(cf.bhl | cf.beq, r.bounds.sl, 0.0)), _amax(jnp.where(cf.bhu, r.bounds.su, 0.0))),
     )
-    eq = _amax(r.equality) / (1 + jnp.maximum(_amax(r.Ax), _amax(qp.b)))
-    error = jnp.maximum(dual, eq)
-    if qp.sizes[2]:
-        ineq = _amax(r.inequality) / (
-            1 + jnp.maximum(jnp.maximum(_amax(r.Gx), _amax(w.s)), _amax(qp.h))
-        )
-        # Complementarity pair by pair, not the average gap s'z/p relative to
-        # the objective: on large QPs one unresolved pair (s_i, z_i ~ 3e-3)
-        # hid behind a large objective and left the derivative wrong by 1e-3.
-        gap = _amax(w.s * w.z) / (1 + jnp.maximum(_amax(w.s), _amax(w.z)))
-        error = jnp.maximum(error, jnp.maximum(ineq, gap))
-    return error
+    comp = jnp.maximum(
+        jnp.maximum(_amax(jnp.where(cf.hl, r.rows.zl, 0.0)), _amax(jnp.where(cf.hu, r.rows.zu, 0.0))),
+        jnp.maximum(_amax(jnp.where(cf.bhl, r.bounds.zl, 0.0)), _amax(jnp.where(cf.bhu, r.bounds.zu, 0.0))),
+    )
+    return jnp.max(jnp.stack([_amax(r.dual), r.violation, slack, r.gap, comp]))
 
 
-def _shift_positive(v: Array) -> Array:
-    """CVXOPT's initial shift: if $\\min v \\le 10^{-8}\\max(\\|v\\|, 1)$, add
-    $(1 + \\max(-v))\\mathbf{1}$ so that every entry is at least 1."""
+def _ruiz(P: Array, K: Array, q: Array, iterations: int = 15) -> tuple[Array, Array, Array]:
+    """Ruiz equilibration of $\\begin{pmatrix} P & K^\\top \\\\ K & 0\\end{pmatrix}$:
+    column scaling `d`, row scaling `e` (∞-norms of the scaled matrix ≈ 1), and a
+    cost scaling `c` (OSQP's rule)."""
+    n, r = P.shape[0], K.shape[0]
+    d = jnp.ones((n,), P.dtype)
+    e = jnp.ones((r,), P.dtype)
+
+    def safe(v):
+        return jnp.where(v > 1e-8, v, 1.0)
+
+    for _ in range(iterations):
+        Ps = d[:, None] * P * d[None, :]
+        Ks = e[:, None] * K * d[None, :]
+        col = jnp.max(jnp.abs(Ps), axis=0)
+        if r:
+            col = jnp.maximum(col, jnp.max(jnp.abs(Ks), axis=0))
+            e = e / jnp.sqrt(safe(jnp.max(jnp.abs(Ks), axis=1)))
+        d = d / jnp.sqrt(safe(col))
+    Ps = d[:, None] * P * d[None, :]
+    scale = jnp.maximum(jnp.mean(jnp.max(jnp.abs(Ps), axis=0)), _amax(d * q))
+    c = 1.0 / jnp.clip(scale, 1e-4, 1e4)
+    return d, e, c
+
+
+def _shift_positive(v: Array, mask: Array) -> Array:
+    """CVXOPT's initial shift over the masked entries: if
+    $\\min v \\le 10^{-8}\\max(\\|v\\|, 1)$, add $(1 + \\max(-v))$ so that every
+    entry is at least 1. Entries off the mask are returned unchanged."""
     if v.size == 0:
         return v
-    t = jnp.max(-v)
-    shift = t >= -1e-8 * jnp.maximum(jnp.linalg.norm(v), 1.0)
-    return jnp.where(shift, v + (1 + t), v)
+    vm = jnp.where(mask, v, jnp.inf)
+    t = jnp.max(jnp.where(mask, -v, -jnp.inf))
+    norm = jnp.linalg.norm(jnp.where(mask, v, 0.0))
+    shift = t >= -1e-8 * jnp.maximum(norm, 1.0)
+    del vm
+    return jnp.where(mask & shift, v + (1 + t), v)
+
+
+_unused: Any = None
