@@ -9,7 +9,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Int, PyTree, Real
 
 from ._implicit_rule import implicit_unknowns
 from ._loop import (
@@ -28,7 +28,7 @@ from ._spectral import (
     needed_truncation,
     solver_contraction,
 )
-from ._tree import tree_sub, tree_where
+from ._tree import tree_norm, tree_sub, tree_where
 from ._validate import nonnegative_int, positive_int
 from .solvers._base import AbstractSolver, State
 
@@ -59,13 +59,14 @@ def replay_last_steps(
     solver: AbstractSolver,
     state0: State,
     theta: PyTree[Any],
-) -> PyTree[Any]:
+) -> tuple[PyTree[Any], Real[Array, " K"]]:
     """The final unknowns carrying the derivative of the last `live_steps`
     steps of a forward loop that kept `K` states (`live_steps <= K`, may be
     traced): the steps are replayed from the stored $(z_{k-K'}, a_{k-K'})$,
     $K' = \\min(\\text{live\\_steps}, k)$, with gradients live. When $k$ is
     smaller, the replay starts from `state0`, so `x0`'s dependence on `theta`
-    is kept, as in `Unroll`."""
+    is kept, as in `Unroll`. Also returns the distances of the replayed
+    states to $z_k$ (see `_replay_gaps`)."""
     steps = out.steps
     live_steps = jnp.minimum(steps, live_steps)
     assert out.history is not None  # keep=K >= 1 states were stored
@@ -84,7 +85,21 @@ def replay_last_steps(
     live = jax.lax.fori_loop(0, K, replay, start)
     # Only the unknowns carry a derivative; the auxiliary state is returned
     # as the forward loop left it.
-    return attach_derivative(out.state.z, live.z)
+    return attach_derivative(out.state.z, live.z), _replay_gaps(out, K, live_steps)
+
+
+def _replay_gaps(out: LoopOutput, K: int, live_steps: Int[Array, ""]) -> Real[Array, " K"]:
+    """$\\|z_{k-1-i} - z_k\\|$ for the differentiated states $i <$
+    `live_steps` (0 beyond): how far from $z_k$ each replayed Jacobian was
+    evaluated (used by the error estimate)."""
+    assert out.history is not None
+    z_k = _stop(out.state.z)
+
+    def gap(i):
+        state = history_entry(out.history, out.steps, i + 1, K)
+        return jnp.where(i < live_steps, tree_norm(tree_sub(_stop(state.z), z_k)), 0.0)
+
+    return jax.vmap(gap)(jnp.arange(K))
 
 
 def truncate(
@@ -93,8 +108,10 @@ def truncate(
     """Run the loop without gradients keeping `K` states; differentiate its
     last `K` steps."""
     out = run_loop_without_gradient(solver, state0, theta, settings, keep=K)
-    z = replay_last_steps(out, K, jnp.array(K), solver, state0, theta)
-    out = dataclasses.replace(out, differentiated_steps=jnp.minimum(out.steps, K))
+    z, gap = replay_last_steps(out, K, jnp.array(K), solver, state0, theta)
+    out = dataclasses.replace(
+        out, differentiated_steps=jnp.minimum(out.steps, K), replay_gaps=gap
+    )
     return State(z, out.state.aux), out
 
 
@@ -284,7 +301,7 @@ class Truncated(AbstractEstimator):
         )
         cap = max_K + max_tail
         needed = needed_truncation(rho, target, cap)
-        replayed = replay_last_steps(
+        replayed, gap = replay_last_steps(
             out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
         )
         # Beyond the stored states the truncated sum sum_{i<K} J^i J_theta F
@@ -307,6 +324,7 @@ class Truncated(AbstractEstimator):
             result=result,
             differentiated_steps=jnp.where(use_tail, needed, jnp.minimum(needed, out.steps)),
             contraction=rho,
+            replay_gaps=jnp.where(use_tail, 0.0, gap),
         )
         return State(z, out.state.aux), out
 

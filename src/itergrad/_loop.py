@@ -39,6 +39,9 @@ class LoopOutput(eqx.Module):
     differentiated_steps: Int[Array, ""] | None = None
     # Set by `Truncated("auto")`: the estimated contraction factor.
     contraction: Real[Array, ""] | None = None
+    # Set by OneStep/Truncated: ||z_{k-1-i} - z_k|| for the replayed states
+    # i < K (0 beyond), for the error estimate.
+    replay_gaps: Real[Array, " K"] | None = None
 
 
 class LoopSettings(eqx.Module):

@@ -120,6 +120,15 @@ def needed_truncation(rho: Real[Array, ""], target: float, cap: int) -> Int[Arra
     return jnp.clip(K, 1, cap + 1).astype(jnp.int32)
 
 
+def generic_vector(size: int, dtype: Any) -> Array:
+    """A fixed unit vector with entries $\\propto \\sin(2\\pi\\varphi i + 1)$,
+    $\\varphi$ the golden ratio: deterministic, yet with no structure a
+    problem could be orthogonal to (a power-iteration start that needs no
+    random key)."""
+    v = jnp.sin(2 * jnp.pi * 0.6180339887498949 * jnp.arange(size) + 1.0)
+    return (v / jnp.linalg.norm(v)).astype(dtype)
+
+
 def solver_contraction(
     solver: AbstractSolver,
     state: State,
@@ -140,8 +149,7 @@ def solver_contraction(
     mode. No random key is involved: the estimate is deterministic."""
     f = flat_step(solver, state, theta)
     step = ravel_pytree(start)[0].astype(f.x.dtype)
-    generic = jnp.sin(2 * jnp.pi * 0.6180339887498949 * jnp.arange(step.size) + 1.0)
-    generic = (generic / jnp.linalg.norm(generic)).astype(f.x.dtype)
+    generic = generic_vector(step.size, f.x.dtype)
     step_norm = jnp.linalg.norm(step)
     step = jnp.where(step_norm > 0, step / jnp.where(step_norm > 0, step_norm, 1), 0)
     return jacobian_x_norm(f, None, iterations, start=step + 0.1 * generic)

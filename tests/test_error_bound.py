@@ -1,0 +1,107 @@
+"""`solve(..., error_estimate=True)`: `stats["derivative_error_bound"]` is never
+below the true relative error of the returned derivative, and not uselessly
+loose where the error is large."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import relative_error
+
+import itergrad as ig
+
+N, M = 6, 3
+ESTIMATORS = {
+    "OneStep": ig.OneStep(),
+    "Truncated5": ig.Truncated(5),
+    "auto": ig.Truncated("auto", target=1e-6),
+    "Implicit": ig.Implicit(),
+    "Neumann20": ig.Implicit(linear_solver=ig.Neumann(20), condition="fixed_point"),
+    "Unroll": ig.Unroll(),
+}
+
+
+def _tanh_map(rho):
+    A = jr.normal(jr.key(0), (N, N))
+    A = rho * A / jnp.linalg.norm(A, 2)
+    B = jr.normal(jr.key(1), (N, M))
+    return lambda x, t: A @ jnp.tanh(x) + B @ t
+
+
+def _check(run, theta, reference, name):
+    J = jax.jacrev(lambda t: run(t, ESTIMATORS[name], False).value)(theta)
+    error = relative_error(J, reference)
+    bound = float(run(theta, ESTIMATORS[name], True).stats["derivative_error_bound"])
+    assert error <= bound, (name, error, bound)
+    return error, bound
+
+
+@pytest.mark.parametrize("rho", [0.2, 0.9])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_bound_holds_on_nonlinear_contractions(rho, name):
+    F = _tanh_map(rho)
+    theta = 0.3 * jnp.ones(M)
+
+    def run(t, estimator, estimate):
+        return ig.iterate(F, jnp.zeros(N), t, estimator=estimator, max_steps=2_000,
+                          rtol=1e-13, atol=1e-13, error_estimate=estimate)
+
+    reference = jax.jacrev(lambda t: ig.iterate(
+        F, jnp.zeros(N), t, estimator=ig.Implicit(), max_steps=2_000,
+        rtol=1e-15, atol=1e-15).value)(theta)
+    error, bound = _check(run, theta, reference, name)
+    if name in ("OneStep", "Truncated5") and error > 1e-12:
+        assert bound <= 100 * error, (error, bound)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_bound_on_gradient_descent_ridge(name):
+    # rho = 1 - 1/kappa = 0.97; closed-form Jacobian H^{-1}.
+    Q, _ = jnp.linalg.qr(jr.normal(jr.key(1), (N, N)))
+    H = Q @ jnp.diag(jnp.geomspace(1.0, 30.0, N)) @ Q.T
+    solver = ig.GradientDescent(lambda x, t: 0.5 * x @ H @ x - t @ x, 1.0 / 30)
+
+    def run(t, estimator, estimate):
+        return ig.solve(solver, jnp.zeros(N), t, estimator=estimator, max_steps=2_000,
+                        rtol=1e-13, atol=1e-13, error_estimate=estimate)
+
+    error, bound = _check(run, jnp.linspace(1.0, 2.0, N), jnp.linalg.inv(H), name)
+    if error > 1e-12:
+        assert bound <= 100 * error, (error, bound)
+
+
+def test_bound_on_newton_sees_the_quadratic_rate():
+    problem = ig.problems.logistic_data(jr.key(0), 20, 3)
+    solver = ig.Newton(problem.objective)
+    weights = jnp.full((20,), 1 / 20)
+
+    def run(t, estimator, estimate):
+        return ig.solve(solver, jnp.zeros(problem.n), t, estimator=estimator,
+                        error_estimate=estimate)
+
+    reference = jax.jacrev(lambda t: ig.solve(
+        solver, jnp.zeros(problem.n), t, estimator=ig.Implicit(), rtol=1e-14,
+        atol=1e-14).value)(weights)
+    _, bound = _check(run, weights, reference, "OneStep")
+    assert bound < 1e-12  # superlinear: the bound sees the quadratic rate
+
+
+def test_one_bound_per_instance_under_vmap():
+    F = _tanh_map(0.5)
+    thetas = jnp.stack([0.3 * jnp.ones(M), jnp.zeros(M), 3.0 * jnp.ones(M)])
+
+    def bound(t):
+        return ig.iterate(F, jnp.zeros(N), t, error_estimate=True, max_steps=2_000).stats[
+            "derivative_error_bound"]
+
+    batched = jax.vmap(bound)(thetas)
+    single = jnp.stack([bound(t) for t in thetas])
+    np.testing.assert_allclose(batched, single, rtol=1e-10)
+    assert len(set(np.round(np.asarray(batched), 12))) == 3  # per instance
+
+
+def test_bound_is_infinite_where_the_map_does_not_contract():
+    sol = ig.iterate(lambda x, t: 2.0 * x + t, -jnp.ones(2), jnp.ones(2),
+                     error_estimate=True)
+    assert np.isinf(float(sol.stats["derivative_error_bound"]))
