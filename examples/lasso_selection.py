@@ -26,8 +26,6 @@ import numpy as np
 import optax
 
 import itergrad as ig
-from itergrad.problems._lasso import lasso_data
-from itergrad.solvers._proximal import ProximalGradient
 
 SOLVE = dict(max_steps=20000, rtol=1e-10, atol=1e-10)
 
@@ -37,11 +35,11 @@ def main(quick: bool = False, verbose: bool = True) -> dict:
     n_train, n_val, n_features, n_grid = (
         (100, 200, 200, 25) if quick else (200, 200, 2000, 30)
     )
-    full, x_star = lasso_data(
+    full, x_star = ig.problems.lasso_data(
         jr.key(0), n_train + n_val, n_features, n_informative=10, noise=1.0
     )
     train, val = full.split(n_train)
-    solver = ProximalGradient(train.smooth, train.prox, 1 / train.lipschitz())
+    solver = ig.ProximalGradient(train.smooth, train.prox, 1 / train.lipschitz())
     x0 = jnp.zeros(n_features)
 
     def validation_loss(x, theta):

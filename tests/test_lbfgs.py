@@ -13,7 +13,6 @@ import pytest
 
 import itergrad as ig
 from itergrad.problems import logistic_data
-from itergrad.solvers._lbfgs import LBFGS
 
 from .helpers import central_difference_jacobian, relative_error
 
@@ -53,7 +52,7 @@ def logistic():
 
 
 def _x_of(problem, estimator, linesearch=None, dtype=jnp.float64):
-    solver = LBFGS(
+    solver = ig.LBFGS(
         problem.objective,
         memory=5,
         **({} if linesearch is None else {"linesearch": linesearch}),
@@ -147,7 +146,7 @@ def test_backtracking_solution_matches_newton(logistic, reference):
     problem, theta = logistic
     sol = jax.jit(
         lambda t: ig.solve(
-            LBFGS(problem.objective, linesearch=ig.Backtracking()),
+            ig.LBFGS(problem.objective, linesearch=ig.Backtracking()),
             jnp.zeros(problem.n),
             t,
             max_steps=MAX_STEPS,
@@ -235,7 +234,7 @@ def test_float32(logistic, reference):
     problem32 = jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, problem
     )
-    solver = LBFGS(problem32.objective)
+    solver = ig.LBFGS(problem32.objective)
 
     def x_of(t, estimator):
         return ig.solve(
@@ -273,7 +272,12 @@ def test_pytree_unknowns_and_closed_over_data(logistic, reference):
 
     x0 = {"b": jnp.zeros(1), "w": jnp.zeros(problem.n - 1)}
     sol = ig.solve(
-        LBFGS(objective), x0, theta, rtol=SOLVE_TOL, atol=SOLVE_TOL, max_steps=MAX_STEPS
+        ig.LBFGS(objective),
+        x0,
+        theta,
+        rtol=SOLVE_TOL,
+        atol=SOLVE_TOL,
+        max_steps=MAX_STEPS,
     )
     flat = jnp.concatenate([sol.value["b"], sol.value["w"]])
     assert relative_error(flat, reference[0][0]) < 1e-10
@@ -281,7 +285,7 @@ def test_pytree_unknowns_and_closed_over_data(logistic, reference):
     def x_of_scale(c):
         # Scale the (closed-over) labels' margins through the data.
         scaled = eqx.tree_at(lambda p: p.A, problem, problem.A * c[0])
-        solver = LBFGS(scaled.objective)
+        solver = ig.LBFGS(scaled.objective)
         return ig.solve(
             solver,
             jnp.zeros(problem.n),
@@ -309,7 +313,7 @@ def test_planted_linesearch_failure_raises():
         # A gradient pointing the wrong way: no step along -H g decreases f.
         return jnp.sum(x**2), jnp.vdot(-2 * x, dx)
 
-    solver = LBFGS(
+    solver = ig.LBFGS(
         lambda x, th: uphill(x - th), linesearch=ig.Backtracking(max_steps=10)
     )
     with pytest.raises(eqx.EquinoxRuntimeError, match="line search"):
@@ -321,10 +325,10 @@ def test_planted_linesearch_failure_raises():
 
 def test_misuse_is_refused():
     with pytest.raises(ValueError, match="memory"):
-        LBFGS(lambda x, t: jnp.sum(x**2), memory=0)
+        ig.LBFGS(lambda x, t: jnp.sum(x**2), memory=0)
     with pytest.raises(TypeError, match="callable"):
-        LBFGS("not a function")
+        ig.LBFGS("not a function")
     with pytest.raises(TypeError, match="line search"):
-        LBFGS(lambda x, t: jnp.sum(x**2), linesearch="wolfe")
+        ig.LBFGS(lambda x, t: jnp.sum(x**2), linesearch="wolfe")
     with pytest.raises(ValueError, match="initial iterate"):
-        ig.solve(LBFGS(lambda x, t: jnp.sum(x**2)), None, jnp.ones(2))
+        ig.solve(ig.LBFGS(lambda x, t: jnp.sum(x**2)), None, jnp.ones(2))

@@ -17,8 +17,7 @@ import pytest
 
 import itergrad as ig
 from itergrad import prox
-from itergrad.problems._lasso import Lasso, lasso_data
-from itergrad.solvers._proximal import ProximalGradient
+from itergrad.problems import Lasso, lasso_data
 
 from .helpers import relative_error
 
@@ -146,7 +145,7 @@ def lasso():
 
 
 def _solver(problem, accelerate=True):
-    return ProximalGradient(
+    return ig.ProximalGradient(
         problem.smooth, problem.prox, 1 / problem.lipschitz(), accelerate=accelerate
     )
 
@@ -333,7 +332,7 @@ def test_nonnegative_least_squares_matches_scipy():
     A = jr.normal(jr.key(4), (30, 10))
     b = jr.normal(jr.key(5), (30,))
     L = float(jnp.linalg.norm(A, ord=2) ** 2)
-    solver = ProximalGradient(
+    solver = ig.ProximalGradient(
         lambda x, t: 0.5 * jnp.sum((A @ x - t) ** 2), prox.nonnegative, "1/L", L=L
     )
     x_of = jax.jit(
@@ -362,7 +361,7 @@ def test_nonnegative_least_squares_matches_scipy():
 def test_float32(lasso, closed_form):
     problem, theta = lasso
     p32 = Lasso(problem.A.astype(jnp.float32), problem.b.astype(jnp.float32))
-    solver = ProximalGradient(p32.smooth, p32.prox, 1 / p32.lipschitz())
+    solver = ig.ProximalGradient(p32.smooth, p32.prox, 1 / p32.lipschitz())
 
     @jax.jit
     def run(t):
@@ -387,11 +386,11 @@ def test_float32(lasso, closed_form):
 def test_misuse_is_refused():
     f = lambda x, t: jnp.sum(x**2)  # noqa: E731
     with pytest.raises(TypeError, match="prox"):
-        ProximalGradient(f, "l1", 0.1)
+        ig.ProximalGradient(f, "l1", 0.1)
     with pytest.raises(ValueError, match="positive"):
-        ProximalGradient(f, prox.nonnegative, -1.0)
+        ig.ProximalGradient(f, prox.nonnegative, -1.0)
     with pytest.raises(ValueError, match="L"):
-        ProximalGradient(f, prox.nonnegative, "1/L")
+        ig.ProximalGradient(f, prox.nonnegative, "1/L")
     with pytest.raises(ValueError, match="l1_ratio"):
         Lasso(jnp.ones((3, 2)), jnp.ones(3), l1_ratio=0.0)
 

@@ -4,6 +4,7 @@ $\\theta = \\log\\lambda$: objective split for `ProximalGradient`, data
 solution on its support."""
 
 import os
+from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -97,14 +98,16 @@ class Lasso(eqx.Module):
         """$d\\bar x / d\\theta$ from the closed form on the support of `x`
         (a solution at `theta`; entries with $|x_i| > 0$ form $S$). Not
         jittable: the support is read from the concrete `x`."""
-        x = np.asarray(x)
-        support = np.flatnonzero(x != 0)
+        x_np = np.asarray(x)
+        support = np.flatnonzero(x_np != 0)
         lam = float(jnp.exp(theta))
         A_S = np.asarray(self.A)[:, support]
         N = self.b.shape[0]
         M = A_S.T @ A_S / N + lam * (1 - self.l1_ratio) * np.eye(support.size)
-        rhs = self.l1_ratio * np.sign(x[support]) + (1 - self.l1_ratio) * x[support]
-        out = np.zeros_like(x)
+        rhs = (
+            self.l1_ratio * np.sign(x_np[support]) + (1 - self.l1_ratio) * x_np[support]
+        )
+        out = np.zeros_like(x_np)
         out[support] = -lam * np.linalg.solve(M, rhs)
         return jnp.asarray(out)
 
@@ -164,7 +167,7 @@ def lasso_data(
     return Lasso(A, b, l1_ratio), x_star
 
 
-def _standardized(X: np.ndarray, y: np.ndarray, l1_ratio: float, dtype) -> Lasso:
+def _standardized(X: Any, y: Any, l1_ratio: float, dtype) -> Lasso:
     X = standardize(np.asarray(X, np.float64))
     y = np.asarray(y, np.float64)
     y = (y - y.mean()) / y.std()
