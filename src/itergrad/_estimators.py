@@ -92,11 +92,12 @@ def _replay_gaps(out: LoopOutput, K: int, live_steps: Int[Array, ""]) -> Real[Ar
     """$\\|z_{k-1-i} - z_k\\|$ for the differentiated states $i <$
     `live_steps` (0 beyond): how far from $z_k$ each replayed Jacobian was
     evaluated (used by the error estimate)."""
-    assert out.history is not None
+    history = out.history
+    assert history is not None
     z_k = _stop(out.state.z)
 
     def gap(i):
-        state = history_entry(out.history, out.steps, i + 1, K)
+        state = history_entry(history, out.steps, i + 1, K)
         return jnp.where(i < live_steps, tree_norm(tree_sub(_stop(state.z), z_k)), 0.0)
 
     return jax.vmap(gap)(jnp.arange(K))
