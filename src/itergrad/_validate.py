@@ -100,11 +100,7 @@ def in_open_interval(value: Array, name: str, low: float, high: float) -> Array:
 def in_open_interval(value: Any, name: str, low: float, high: float) -> Any:
     """Check that `value` is a real number with $\\text{low} < \\text{value} <
     \\text{high}$; return it as a `float`, or unchanged when it is an array."""
-    what = f"a number in the open interval ({low}, {high})"
-    number = _number(value, name, what)
-    if number is not None and not low < number < high:
-        raise ValueError(f"`{name}` must lie in ({low}, {high}), got {value!r}.")
-    return number if _is_scalar(value) else value
+    return _interval(value, name, low, high, closed=False)
 
 
 @overload
@@ -114,10 +110,17 @@ def in_closed_interval(value: Array, name: str, low: float, high: float) -> Arra
 def in_closed_interval(value: Any, name: str, low: float, high: float) -> Any:
     """Check that `value` is a real number with $\\text{low} \\le \\text{value} \\le
     \\text{high}$; return it as a `float`, or unchanged when it is an array."""
-    what = f"a number in the closed interval [{low}, {high}]"
-    number = _number(value, name, what)
-    if number is not None and not low <= number <= high:
-        raise ValueError(f"`{name}` must lie in [{low}, {high}], got {value!r}.")
+    return _interval(value, name, low, high, closed=True)
+
+
+def _interval(value: Any, name: str, low: float, high: float, *, closed: bool) -> Any:
+    kind, left, right = ("closed", "[", "]") if closed else ("open", "(", ")")
+    number = _number(value, name, f"a number in the {kind} interval {left}{low}, {high}{right}")
+    inside = number is None or (
+        low <= number <= high if closed else low < number < high
+    )
+    if not inside:
+        raise ValueError(f"`{name}` must lie in {left}{low}, {high}{right}, got {value!r}.")
     return number if _is_scalar(value) else value
 
 
