@@ -254,12 +254,15 @@ def logistic_methods() -> dict[str, Callable]:
         # CG iteration instead of O(Nn^2) for the Hessian. By default each
         # Newton system is solved to an Eisenstat-Walker forcing tolerance;
         # the derivative solves use the CG tolerance (1e-10).
-        "itergrad Newton-CG + OneStep": itergrad_newton(ig.OneStep(), NEWTON_CG),
+        "itergrad Newton-CG + OneStep": itergrad_newton(
+            ig.OneStep(), NEWTON_CG, hessian="hvp"
+        ),
         "itergrad Newton-CG (forcing=None) + OneStep": itergrad_newton(
-            ig.OneStep(), NEWTON_CG, forcing=None
+            ig.OneStep(), NEWTON_CG, hessian="hvp", forcing=None
         ),
         "itergrad Newton-CG + Implicit(GMRES)": itergrad_newton(
-            ig.Implicit(linear_solver=lx.GMRES(rtol=1e-10, atol=1e-10)), NEWTON_CG
+            ig.Implicit(linear_solver=lx.GMRES(rtol=1e-10, atol=1e-10)), NEWTON_CG,
+            hessian="hvp",
         ),
         "optimistix Newton root_find + ImplicitAdjoint": optx_newton,
         "optimistix BFGS minimise + ImplicitAdjoint": optx_bfgs,
@@ -311,16 +314,17 @@ def qp_reference(qp) -> jax.Array:
         rtol=QP_REFERENCE_TOL, atol=QP_REFERENCE_TOL, throw=False,
     )
     state = jax.lax.stop_gradient(sol.state)
-    w0, unravel = ravel_pytree((state.x, state.s, state.z, state.y))
+    w0, unravel = ravel_pytree(state.z)
 
     def phi(w, b):
-        st = eqx.tree_at(lambda t: (t.x, t.s, t.z, t.y), state, unravel(w))
-        res = solver.optimality(st, eqx.tree_at(lambda q: q.b, qp, b))
-        return ravel_pytree((res.x, res.s, res.z, res.y))[0]
+        res = solver.optimality(unravel(w), state.aux, eqx.tree_at(lambda q: q.b, qp, b))
+        return ravel_pytree(res)[0]
 
     Jw = jax.jacfwd(phi, argnums=0)(w0, qp.b)
     Jb = jax.jacfwd(phi, argnums=1)(w0, qp.b)
-    cotangent = jnp.zeros_like(w0).at[: state.x.size].set(state.x)
+    # x comes first in the unknowns' flattening.
+    x = state.z.x
+    cotangent = jnp.zeros_like(w0).at[: x.size].set(x)
     return -Jb.T @ jnp.linalg.solve(Jw.T, cotangent)
 
 

@@ -82,8 +82,12 @@ def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw):
         return fn(root, th)
 
     _, t_residual = jax.jvp(g_of_inputs, (diff_inputs,), (t_inputs,))
-    operator = lx.JacobianLinearOperator(
-        lambda z, args: condition_fn(z, args), root, theta, tags=tags
+    # Linearised once: a Krylov solver's products then cost one linear
+    # application each, not a fresh JVP through the condition.
+    operator = lx.linearise(
+        lx.JacobianLinearOperator(
+            lambda z, args: condition_fn(z, args), root, theta, tags=tags
+        )
     )
     solution = lx.linear_solve(operator, t_residual, linear_solver, throw=throw)
     t_root = jtu.tree_map(lambda t: -t, solution.value)
