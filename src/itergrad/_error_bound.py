@@ -4,7 +4,8 @@ from the paper's bounds and matrix-free estimates at the final unknowns.
 With $A(z) = J_z F(z, \\theta)$, $B(z) = J_\\theta F(z, \\theta)$, the fixed
 point $\\bar z$ and its Jacobian $\\bar J = (I - A(\\bar z))^{-1} B(\\bar z)$:
 
-- $\\rho = \\|A(z_k)\\|$, $L_F = \\|B(z_k)\\|$ (power iteration);
+- $\\rho = \\|A(z_k)\\|$ (power iteration, corrected upwards by the
+  residual of its eigenpair), $L_F = \\|B(z_k)\\|$ (power iteration);
 - $L_B$, $L_A$: the rates of change of $B$ and $A$ along the last step
   direction (second-order directional derivatives, power iteration); local
   stand-ins for the Lipschitz constants $L_J$ of the paper;
@@ -54,6 +55,7 @@ from ._spectral import (
     flat_step,
     generic_vector,
     linear_operator_norm,
+    linear_operator_norm_upper,
 )
 from .solvers._base import AbstractSolver
 
@@ -76,7 +78,9 @@ def _quantities(f: FlatStep, iterations: int) -> _Quantities:
     start_t = generic_vector(theta.size, theta.dtype)
     _, jvp_x = jax.linearize(lambda z: f(z, theta), x)
     _, jvp_t = jax.linearize(lambda t: f(x, t), theta)
-    rho = linear_operator_norm(jvp_x, start_x, iterations)
+    # Upper-corrected: the bound must not inherit power iteration's
+    # approach from below (rho^K is its leading term for slow solvers).
+    rho = linear_operator_norm_upper(jvp_x, start_x, iterations)
     L_F = linear_operator_norm(jvp_t, start_t, iterations)
 
     def d_theta_jacobian(t):

@@ -115,7 +115,9 @@ def run_loop(
             solver.residual_norm(state.z, new_z, new_aux, theta), dtype=dtype
         )
         scale = tree_norm(solver.value(new_z))
-        converged = residual <= settings.atol + settings.rtol * scale
+        # An overflowing iterate (its norm is inf) must not make the
+        # tolerance infinite and "converge".
+        converged = (residual <= settings.atol + settings.rtol * scale) & jnp.isfinite(scale)
         finite = tree_isfinite(new_z) & jnp.isfinite(residual)
         status = solver.status(new_aux)
         result = RESULTS.where(

@@ -88,6 +88,29 @@ def linear_operator_norm(
     return jnp.linalg.norm(matvec(v))
 
 
+def linear_operator_norm_upper(
+    matvec: Callable[[Array], Array], v0: Float[Array, " d"], iterations: int
+) -> Real[Array, ""]:
+    """Like `linear_operator_norm`, but corrected upwards by the residual of
+    the final eigenpair of $J^T J$: with $w = J^T J v$, $\\lambda = v^T w$,
+    some eigenvalue lies within $\\|w - \\lambda v\\|$ of $\\lambda$, so
+    $\\sqrt{\\lambda + \\|w - \\lambda v\\|}$ over-estimates the norm when power
+    iteration has found the top eigenvector's neighbourhood (it is used
+    where an under-estimate would make a bound too small)."""
+    transpose = jax.linear_transpose(matvec, v0)
+
+    def body(_, v):
+        w, _ = _safe_normalize(transpose(matvec(v))[0])
+        return w
+
+    v, _ = _safe_normalize(v0)
+    v = jax.lax.fori_loop(0, iterations, body, v)
+    w = transpose(matvec(v))[0]
+    eigenvalue = jnp.vdot(v, w)
+    residual = jnp.linalg.norm(w - eigenvalue * v)
+    return jnp.sqrt(jnp.maximum(eigenvalue + residual, 0.0))
+
+
 def jacobian_x_norm(
     f: FlatStep, key: Array | None, iterations: int, start: Array | None = None
 ) -> Real[Array, ""]:
