@@ -2,6 +2,8 @@
 `--force`, `--only` and the report's claims."""
 
 import math
+import os
+import shutil
 
 import pytest
 
@@ -74,13 +76,39 @@ def test_second_run_reuses_then_force_and_only_recompute(results):
     assert all(_module(name).TITLE in report for name in NAMES)
 
 
-def test_settings_decide_reuse():
-    # A CSV made with another profile, seed or data file is recomputed, not
-    # silently reused (checked on the settings record, without a rerun).
-    from itergrad.experiments._cli import _settings
+def test_settings_decide_reuse(results, tmp_path):
+    # On a copy of the fixture's run (seed 1, every experiment): the same
+    # settings reuse table2's CSV, another seed recomputes it, and a rerun with
+    # that seed reuses the new one. The other experiments are left alone.
+    out = tmp_path / "results"
+    shutil.copytree(results, out)
+    csv, meta = out / "table2.csv", out / "table2.json"
+    others = {name: v for name, v in _mtimes(out).items() if name != "table2"}
 
-    assert _settings("tiny", 1, None) != _settings("tiny", 2, None)
-    assert _settings("tiny", 1, None) != _settings("quick", 1, None)
+    def run(seed):
+        assert main(["reproduce", "--tiny", "--out", str(out), "--seed", str(seed),
+                     "--only", "table2"]) == 0
+
+    def stamp():
+        # An mtime no write produces, so that any rewrite shows whatever the
+        # file system's timestamp resolution.
+        for path in (csv, meta):
+            os.utime(path, ns=(0, 0))
+
+    def rewritten():
+        return csv.stat().st_mtime_ns != 0 or meta.stat().st_mtime_ns != 0
+
+    stamp()
+    run(1)
+    assert not rewritten(), "identical settings recomputed instead of reusing"
+    run(2)
+    assert rewritten(), "a changed seed reused a CSV made with seed 1"
+    assert _report.read_meta(meta)["seed"] == 2
+    assert _report.read_csv(csv)
+    stamp()
+    run(2)
+    assert not rewritten(), "identical settings (seed 2) recomputed instead of reusing"
+    assert {name: v for name, v in _mtimes(out).items() if name != "table2"} == others
 
 
 def test_unknown_experiment_is_refused(tmp_path):
