@@ -22,9 +22,7 @@ from ._spectral import (
     DEFAULT_POWER_ITERATIONS,
     FlatStep,
     flat_step,
-    jacobian_theta_norm,
-    jacobian_x_norm,
-    linear_operator_norm,
+    local_constants,
 )
 from ._validate import positive_int
 from .solvers._base import AbstractSolver, FixedPointIteration
@@ -253,7 +251,12 @@ def diagnose(
     - $\\rho = \\|J_x F(x_k, \\theta)\\|_{op}$ and
       $L_F = \\|J_\\theta F(x_k, \\theta)\\|_{op}$ by `power_iterations` steps of
       power iteration on $J^T J$ (one `jax.linearize` JVP and its
-      `jax.linear_transpose` per step; no dense Jacobian is formed);
+      `jax.linear_transpose` per step; no dense Jacobian is formed). $\\rho$'s
+      iteration starts from the direction of one more step, which a slowly
+      converging iteration aligns with its slowest mode, and is corrected
+      upwards by the eigenpair's residual: the bounds below grow like
+      $1/(1 - \\rho)$ and must not inherit an under-estimate (the same
+      estimates as `solve(..., error_estimate=True)`, `_spectral.local_constants`);
     - distance $\\approx \\|x_k - x_{k-1}\\| / (1 - \\rho)$ (Lemma 1), which bounds
       $\\|x_{k-1} - \\bar x\\|$ (and hence $\\|x_k - \\bar x\\|$) when $F$ is a
       $\\rho$-contraction;
@@ -306,7 +309,9 @@ def diagnose(
     !!! warning
 
         These are local estimates at $x_k$, not certified constants: power
-        iteration approaches $\\|J\\|_{op}$ from below, $\\rho$ is the norm at
+        iteration approaches $L_F$ and $L_J$ from below ($\\rho$ is corrected
+        upwards, which holds once the iteration has found the top singular
+        vector's neighbourhood), $\\rho$ is the norm at
         $x_k$ rather than a sup over the region (Assumption 1), and the
         estimated $L_J$ is a directional derivative along the last step only.
         For iterations that are not single-step contractions (e.g. heavy ball,
@@ -344,38 +349,19 @@ def diagnose(
         raise ValueError(
             "`theta` has no floating-point leaves: nothing to differentiate."
         )
-    k_rho, k_lf, k_lj, k_probe = jr.split(key, 4)
-    rho = jacobian_x_norm(f, k_rho, power_iterations)
-    L_F = jacobian_theta_norm(f, k_lf, power_iterations)
-
-    delta = f(f.x, f.theta) - f.x
-    if plain:
-        step = jnp.asarray(sol.residual, f.x.dtype)
-    else:
-        step = jnp.linalg.norm(delta)
+    k_theta, k_probe = jr.split(key)
+    constants = local_constants(
+        f,
+        power_iterations,
+        theta_start=jr.normal(k_theta, f.theta.shape, f.theta.dtype),
+        L_B=None if L_J is None else jnp.asarray(L_J, f.x.dtype),
+    )
+    rho, L_F, L_J_value = constants.rho, constants.L_F, constants.L_B
+    # A plain step map's solution knows its last step ||x_k - x_{k-1}||; for a
+    # solver it is one more step from the final unknowns.
+    step = jnp.asarray(sol.residual, f.x.dtype) if plain else constants.step
     one = jnp.ones((), f.x.dtype)
     distance = jnp.where(rho < 1, step / jnp.where(rho < 1, one - rho, one), jnp.inf)
-
-    if L_J is None:
-        # Direction of the last step; a random one when the solve is exactly
-        # at its fixed point (then distance = 0 and L_J only informs).
-        random_dir = jr.normal(k_lj, f.x.shape, f.x.dtype)
-        norm_delta = jnp.linalg.norm(delta)
-        u = jnp.where(
-            norm_delta > 0, delta / jnp.where(norm_delta > 0, norm_delta, 1), random_dir
-        )
-        u = u / jnp.linalg.norm(u)
-
-        def second_derivative(t):
-            def theta_jvp(x):
-                return jax.jvp(lambda th: f(x, th), (f.theta,), (t,))[1]
-
-            return jax.jvp(theta_jvp, (f.x,), (u,))[1]
-
-        v0 = jr.normal(jr.fold_in(k_lj, 1), f.theta.shape, f.theta.dtype)
-        L_J_value = linear_operator_norm(second_derivative, v0, power_iterations)
-    else:
-        L_J_value = jnp.asarray(L_J, f.x.dtype)
 
     corollary1 = jnp.where(
         rho < 1,

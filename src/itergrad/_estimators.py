@@ -244,11 +244,13 @@ class Truncated(AbstractEstimator):
     !!! warning
 
         Biased when the iteration contracts slowly: by about
-        $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). With `"auto"`, power
-        iteration approaches $\\rho$ from below (fast from the last step, whose
-        slowest mode dominates; slower when the top singular values of
-        $J_z F$ are clustered) and $\\rho$ is local to $z_k$, so $K$ may come
-        out a little small.
+        $\\rho^K L_F / (1 - \\rho^K)$ (Corollary 1). With `"auto"`, $\\rho$ is
+        estimated by power iteration from the last step (whose slowest mode
+        dominates) and corrected upwards by the eigenpair's residual, which
+        over-estimates it once the iteration has found the top singular
+        vector's neighbourhood (slower when the top singular values of
+        $J_z F$ are clustered); $\\rho$ is local to $z_k$, so where $J_z F$
+        varies strongly along the path $K$ may still come out a little small.
     """
 
     K: int | Literal["auto"] = eqx.field(static=True)
@@ -302,18 +304,26 @@ class Truncated(AbstractEstimator):
         )
         cap = max_K + max_tail
         needed = needed_truncation(rho, target, cap)
-        replayed, gap = replay_last_steps(
-            out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
-        )
         # Beyond the stored states the truncated sum sum_{i<K} J^i J_theta F
         # is continued with the Jacobians frozen at z_k: a K-term Neumann
-        # series (memory n, K products), used only when K > max_K.
+        # series (memory n, K products), used only when K > max_K. A
+        # `lax.cond`, so that the usual case differentiates one branch only
+        # (under `vmap` it becomes a select and both run).
         use_tail = (needed > max_K) & (needed <= cap)
-        tail = implicit_unknowns(
-            solver, out.state, theta, "fixed_point",
-            NeumannTail(jnp.where(use_tail, needed, 0)), frozenset(), False,
-        )
-        z = tree_where(use_tail, tail, replayed)
+
+        def neumann_tail():
+            tail = implicit_unknowns(
+                solver, out.state, theta, "fixed_point",
+                NeumannTail(needed), frozenset(), False,
+            )
+            return tail, jnp.zeros((max_K,), rho.dtype)
+
+        def replay():
+            return replay_last_steps(
+                out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
+            )
+
+        z, gap = jax.lax.cond(use_tail, neumann_tail, replay)
         failure = RESULTS.where(
             rho >= 1, RESULTS.not_contracting, RESULTS.truncation_target_unreachable
         )
@@ -325,7 +335,7 @@ class Truncated(AbstractEstimator):
             result=result,
             differentiated_steps=jnp.where(use_tail, needed, jnp.minimum(needed, out.steps)),
             contraction=rho,
-            replay_gaps=jnp.where(use_tail, 0.0, gap),
+            replay_gaps=gap,
         )
         return State(z, out.state.aux), out
 

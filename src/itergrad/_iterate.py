@@ -27,9 +27,19 @@ def _check_settings(estimator, max_steps, rtol, atol):
         )
     positive_int(max_steps, "max_steps")
     for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is None:
+            continue
         if not isinstance(tol, int | float):
             raise ValueError(f"`{name}` must be a non-negative number, got {tol!r}.")
         nonnegative_float(tol, name)
+
+
+def default_tolerance(z: PyTree[Array]) -> float:
+    """The default `rtol` and `atol`: $\\max(10^{-10}, 100\\,\\epsilon)$, with
+    $\\epsilon$ the machine epsilon of the lowest-precision leaf of the
+    unknowns `z` (1e-10 in float64, 1.2e-5 in float32)."""
+    eps = max(float(jnp.finfo(leaf.dtype).eps) for leaf in jtu.tree_leaves(z))
+    return max(1e-10, 100 * eps)
 
 
 def _check_structure(old, new, what):
@@ -51,8 +61,8 @@ def solve(
     *,
     estimator: AbstractEstimator = OneStep(),
     max_steps: int = 100,
-    rtol: float = 1e-10,
-    atol: float = 1e-10,
+    rtol: float | None = None,
+    atol: float | None = None,
     throw: bool = True,
     error_estimate: bool = False,
 ) -> Solution:
@@ -74,7 +84,11 @@ def solve(
     - `estimator`: `OneStep()` (default), `Truncated(K)`, `Implicit(...)` or
       `Unroll(...)`.
     - `max_steps`: a positive integer bound on the number of steps.
-    - `rtol`, `atol`: the stopping tolerances.
+    - `rtol`, `atol`: the stopping tolerances; by default
+      `default_tolerance(dtype)` $= \\max(10^{-10}, 100\\,\\epsilon)$ for the
+      unknowns' lowest-precision dtype: `1e-10` in float64, `1.2e-5` in
+      float32 (a float32 iteration cannot reach 1e-10 and would end in
+      `max_steps_reached`).
     - `throw`: raise an `equinox.EquinoxRuntimeError` with an explanation when
       the result is not `RESULTS.successful` (default). With `False`, check
       `Solution.result` yourself.
@@ -98,7 +112,12 @@ def solve(
         *eqx.filter_eval_shape(solver.step, state0.z, state0.aux, theta)
     )
     _check_structure(state0, new_state, f"{type(solver).__name__}.step")
-    settings = LoopSettings(max_steps=max_steps, rtol=float(rtol), atol=float(atol))
+    default = default_tolerance(state0.z)
+    settings = LoopSettings(
+        max_steps=max_steps,
+        rtol=default if rtol is None else float(rtol),
+        atol=default if atol is None else float(atol),
+    )
     state, out = estimator.run(solver, state0, theta, settings)
     result = out.result
     if throw:
@@ -159,8 +178,8 @@ def iterate(
     *,
     estimator: AbstractEstimator = OneStep(),
     max_steps: int = 100,
-    rtol: float = 1e-10,
-    atol: float = 1e-10,
+    rtol: float | None = None,
+    atol: float | None = None,
     throw: bool = True,
     error_estimate: bool = False,
 ) -> Solution:

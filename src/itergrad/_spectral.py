@@ -11,7 +11,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PyTree, Real, Scalar
 
@@ -111,25 +110,81 @@ def linear_operator_norm_upper(
     return jnp.sqrt(jnp.maximum(eigenvalue + residual, 0.0))
 
 
-def jacobian_x_norm(
-    f: FlatStep, key: Array | None, iterations: int, start: Array | None = None
-) -> Real[Array, ""]:
-    """$\\rho \\approx \\|J_x F(x, \\theta)\\|_{op}$, matrix-free, by power
-    iteration from `start` or, when it is `None`, a random vector drawn with
-    `key`."""
-    _, jvp = jax.linearize(lambda x: f(x, f.theta), f.x)
-    if start is None:
-        if key is None:
-            raise ValueError("jacobian_x_norm needs a `key` or a `start` vector.")
-        start = jr.normal(key, f.x.shape, f.x.dtype)
-    return linear_operator_norm(jvp, start, iterations)
+class LocalConstants(eqx.Module):
+    """The constants of the paper's bounds at a point $x$ of the step map $F$
+    (see `local_constants`)."""
+
+    rho: Real[Array, ""]
+    """$\\|J_x F(x, \\theta)\\|_{op}$, over-estimated (upper-corrected power
+    iteration): every bound grows with it, most like $1/(1 - \\rho)$."""
+    L_F: Real[Array, ""]
+    """$\\|J_\\theta F(x, \\theta)\\|_{op}$ (power iteration, from below)."""
+    L_B: Real[Array, ""]
+    """The rate of change of $J_\\theta F$ along the unit step direction $u$:
+    $\\|\\partial_x (J_\\theta F)(x)[u]\\|_{op}$, a local stand-in for the
+    paper's Lipschitz constant $L_J$ (the given value when one was passed)."""
+    L_A: Real[Array, ""] | None
+    """The rate of change of $J_x F$ along $u$,
+    $\\|\\partial_x (J_x F)(x)[u]\\|_{op}$; `None` unless asked for."""
+    step: Real[Array, ""]
+    """$\\|F(x, \\theta) - x\\|$, the length of one more step."""
 
 
-def jacobian_theta_norm(f: FlatStep, key: Array, iterations: int) -> Real[Array, ""]:
-    """$L_F \\approx \\|J_\\theta F(x, \\theta)\\|_{op}$, matrix-free."""
-    _, jvp = jax.linearize(lambda t: f(f.x, t), f.theta)
-    v0 = jr.normal(key, f.theta.shape, f.theta.dtype)
-    return linear_operator_norm(jvp, v0, iterations)
+def local_constants(
+    f: FlatStep,
+    iterations: int,
+    *,
+    theta_start: Float[Array, " m"] | None = None,
+    L_B: Real[Array, ""] | None = None,
+    with_L_A: bool = False,
+) -> LocalConstants:
+    """Estimate, at the point `f.x`, the constants the paper's bounds are made
+    of (one definition for `diagnose` and for `derivative_error_bound`).
+
+    $\\rho$ is found by power iteration started from the direction $u$ of one
+    more step $F(x) - x$ (mixed with a generic vector): the last step of a
+    linearly converging iteration is dominated by its slowest mode, so this
+    start is already close to the top singular vector where a random start
+    would need thousands of iterations when $\\rho \\to 1$. It is then
+    corrected upwards by the eigenpair's residual (`linear_operator_norm_upper`):
+    an under-estimated $\\rho$ would make every bound too small. The second
+    derivatives ($L_B$, $L_A$) are exact second-order JVPs along $u$ (a limit of
+    finite differences of the Jacobians along the last step); `theta_start`
+    (default a generic vector) starts the power iterations over $\\theta$.
+    """
+    x, theta = f.x, f.theta
+    generic_x = generic_vector(x.size, x.dtype)
+    delta = f(x, theta) - x
+    u, step = _safe_normalize(delta)
+    u = jnp.where(step > 0, u, generic_x)
+    start_x = u + 0.1 * generic_x
+    if theta_start is None:
+        theta_start = generic_vector(theta.size, theta.dtype)
+    _, jvp_x = jax.linearize(lambda z: f(z, theta), x)
+    _, jvp_t = jax.linearize(lambda t: f(x, t), theta)
+    rho = linear_operator_norm_upper(jvp_x, start_x, iterations)
+    L_F = linear_operator_norm(jvp_t, theta_start, iterations)
+
+    if L_B is None:
+
+        def theta_jacobian_change(t):
+            def theta_jvp(z):
+                return jax.jvp(lambda s: f(z, s), (theta,), (t,))[1]
+
+            return jax.jvp(theta_jvp, (x,), (u,))[1]
+
+        L_B = linear_operator_norm(theta_jacobian_change, theta_start, iterations)
+    L_A = None
+    if with_L_A:
+
+        def x_jacobian_change(v):
+            def x_jvp(z):
+                return jax.jvp(lambda w: f(w, theta), (z,), (v,))[1]
+
+            return jax.jvp(x_jvp, (x,), (u,))[1]
+
+        L_A = linear_operator_norm(x_jacobian_change, start_x, iterations)
+    return LocalConstants(rho=rho, L_F=L_F, L_B=jnp.asarray(L_B, x.dtype), L_A=L_A, step=step)
 
 
 def needed_truncation(rho: Real[Array, ""], target: float, cap: int) -> Int[Array, ""]:
@@ -175,4 +230,7 @@ def solver_contraction(
     generic = generic_vector(step.size, f.x.dtype)
     step_norm = jnp.linalg.norm(step)
     step = jnp.where(step_norm > 0, step / jnp.where(step_norm > 0, step_norm, 1), 0)
-    return jacobian_x_norm(f, None, iterations, start=step + 0.1 * generic)
+    _, jvp = jax.linearize(lambda x: f(x, f.theta), f.x)
+    # Corrected upwards (as for the error estimate): K = log(t)/log(rho)
+    # must not come out too small from an under-estimated rho.
+    return linear_operator_norm_upper(jvp, step + 0.1 * generic, iterations)

@@ -396,17 +396,21 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     - `eta_min`: the floor $\\eta_{\\min} \\in (0, 1)$ of the fraction-to-boundary
       factor (default `0.99`).
     - `regularization`: the diagonal shift of the true Newton matrix (in
-      scaled units, default `1e-14`): a safeguard for a singular $P$ or
-      dependent rows, negligible otherwise.
+      scaled units, default `1e-14` in float64, $100\\epsilon^2$ in lower
+      precision): a safeguard for a singular $P$ or dependent rows,
+      negligible otherwise.
     - `factorization_regularization`: the larger shift of the factorised
-      matrix (default `1e-9`), removed by the refinement.
+      matrix (default `1e-9` in float64, $\\sqrt{\\epsilon}/3$ = `1.2e-4` in
+      float32, where smaller shifts are lost to rounding and the iterates
+      stall), removed by the refinement.
     - `refinement_steps`: iterative refinement steps per solve (default 3).
     - `infeasibility_tol`: tolerance of the Farkas certificates checked after
-      every step (default `1e-9`): primal infeasibility when the multipliers
+      every step: primal infeasibility when the multipliers
       $\\lambda$ satisfy $K^\\top\\lambda + \\lambda_b \\approx 0$ with
       $\\sum U\\lambda^+ + L\\lambda^- < 0$, unboundedness when $Px \\approx 0$,
       $x$ is in the recession cone of the constraints and $q^\\top x < 0$;
-      the solve then stops with `RESULTS.infeasible`.
+      the solve then stops with `RESULTS.infeasible` (default `1e-9` in
+      float64, $100\\epsilon$ in lower precision).
 
     !!! warning
 
@@ -417,22 +421,52 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     """
 
     eta_min: float = 0.99
-    regularization: float = 1e-14
-    factorization_regularization: float = 1e-9
+    regularization: float | None = None
+    factorization_regularization: float | None = None
     refinement_steps: int = 3
-    infeasibility_tol: float = 1e-9
+    infeasibility_tol: float | None = None
 
     superlinear: ClassVar[bool] = True
 
     def __check_init__(self):
         in_open_interval(self.eta_min, "InteriorPointQP(eta_min=...)", 0, 1)
-        nonnegative_float(self.regularization, "InteriorPointQP(regularization=...)")
-        positive_float(
-            self.factorization_regularization,
-            "InteriorPointQP(factorization_regularization=...)",
-        )
+        if self.regularization is not None:
+            nonnegative_float(self.regularization, "InteriorPointQP(regularization=...)")
+        if self.factorization_regularization is not None:
+            positive_float(
+                self.factorization_regularization,
+                "InteriorPointQP(factorization_regularization=...)",
+            )
         nonnegative_int(self.refinement_steps, "InteriorPointQP(refinement_steps=...)")
-        positive_float(self.infeasibility_tol, "InteriorPointQP(infeasibility_tol=...)")
+        if self.infeasibility_tol is not None:
+            positive_float(
+                self.infeasibility_tol, "InteriorPointQP(infeasibility_tol=...)"
+            )
+
+    def _shifts(self, dtype) -> tuple[float, float, float]:
+        """`(regularization, factorization_regularization, infeasibility_tol)`,
+        the defaults following the data's precision: `1e-14`, `1e-9`, `1e-9`
+        in float64; in lower precision (machine epsilon $\\epsilon$)
+        $100\\epsilon^2$, $\\sqrt{\\epsilon}/3$ and $100\\epsilon$, so that the
+        shifts are not lost to rounding (else the iterates stall)."""
+        eps = float(jnp.finfo(dtype).eps)
+        regularization = (
+            max(1e-14, 100 * eps**2) if self.regularization is None
+            else self.regularization
+        )
+        # Measured on random QPs in float32 (n = 20, 50): 1e-5 stalls at
+        # n = 50, 1e-4 converges in 7-9 steps to 2.6e-7 of the float64 solution.
+        float64 = eps <= 1e-15
+        factorization = (
+            (1e-9 if float64 else eps**0.5 / 3)
+            if self.factorization_regularization is None
+            else self.factorization_regularization
+        )
+        infeasibility = (
+            max(1e-9, 100 * eps) if self.infeasibility_tol is None
+            else self.infeasibility_tol
+        )
+        return regularization, factorization, infeasibility
 
     # -- the Newton system ---------------------------------------------------
 
@@ -463,6 +497,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                 brec = None
             return E, r, rec, DB, gB, brec
 
+        regularization, factorization_regularization, _ = self._shifts(dt)
         zeros_r = jnp.zeros_like(v)
         zeros_b = jnp.zeros((nb,), dt)
         E0, _, _, DB, _, _ = build(zeros_r, zeros_r, zeros_b, zeros_b)
@@ -474,16 +509,16 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         cs = jnp.where(ineq, jnp.sqrt(jnp.minimum(1.0, 1.0 / E0)), jnp.where(cf.eq, 1.0, 0.0))
         # Equalities: E = 0 up to the safeguard shift, in Ruiz-scaled units
         # (E = δ c / e² is a shift δ of the scaled matrix).
-        E = jnp.where(ineq, jnp.minimum(1.0, E0), jnp.where(cf.eq, self.regularization * c / e**2, 1.0))
+        E = jnp.where(ineq, jnp.minimum(1.0, E0), jnp.where(cf.eq, regularization * c / e**2, 1.0))
         H = jnp.where(fixed[None, :] | fixed[:, None], 0.0, cf.P + jnp.diag(DB))
-        H = H + jnp.diag(jnp.where(fixed, 1.0, self.regularization / (c * d**2)))
+        H = H + jnp.diag(jnp.where(fixed, 1.0, regularization / (c * d**2)))
         Kc = jnp.where(fixed[None, :], 0.0, cs[:, None] * cf.K)
         true = _Augmented(H, Kc, E)
         # The factorisation: proximal shifts δ_f in scaled units, removed by the
         # refinement; computed on stopped values (the derivative never goes
         # through it, see `itergrad._linear_solve`).
         Hs, Ks, Es = jax.lax.stop_gradient((H, Kc, E))
-        delta = self.factorization_regularization
+        delta = factorization_regularization
         # Every row gets at least the proximal shift: active inequalities tend
         # to equalities (E → 0) and are treated alike.
         Einv = 1.0 / jnp.maximum(Es, delta * c / e**2)
@@ -677,7 +712,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     def _certificate(self, w: _PrimalDual, qp: QP, aux: _Aux) -> RESULTS:
         """`RESULTS.infeasible` when the iterate carries a Farkas certificate of
         primal infeasibility or of unboundedness (tests in Ruiz-scaled units)."""
-        tol = self.infeasibility_tol
+        _, _, tol = self._shifts(qp.Q.dtype)
         cf = _canonical(qp)
         d, e = aux.d, aux.e
         res = kkt_residual(w, qp)

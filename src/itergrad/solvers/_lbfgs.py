@@ -35,9 +35,38 @@ class _LBFGSAux(eqx.Module):
     x_prev: Float[Array, " n"]
     g_prev: Float[Array, " n"]
     has_prev: Array
-    # ||grad f(x_k)|| at the start of the last step: the stopping residual.
+    # The objective's value and gradient at the current iterate, computed by
+    # the previous step's line search (or by `init`), so that a step
+    # evaluates no gradient the line search already has (see
+    # `_value_and_grad_at`).
+    f: Scalar
+    g: Float[Array, " n"]
+    # ||grad f(x_k)|| at the current iterate: the stopping residual.
     gradient_norm: Scalar
     result: RESULTS
+
+
+@eqx.filter_custom_jvp
+def _value_and_grad_at(objective, x, theta, cached):
+    """`jax.value_and_grad(objective)(x, theta)`, whose value `cached` was
+    computed already (by the line search that produced `x`). The forward
+    loop runs without derivatives and so reuses it for free; where the step
+    is differentiated (`OneStep`, `Truncated`, `Unroll`) the tangent is the
+    exact one, $(\\langle g, \\dot x\\rangle + \\partial_\\theta f\\,\\dot\\theta,\\;
+    \\nabla^2_{xx} f\\,\\dot x + \\nabla^2_{x\\theta} f\\,\\dot\\theta)$."""
+    return cached
+
+
+@_value_and_grad_at.def_jvp
+def _value_and_grad_at_jvp(primals, tangents):
+    objective, x, theta, cached = primals
+    t_objective, t_x, t_theta, _ = tangents
+    _, tangent_out = eqx.filter_jvp(
+        lambda o, u, th: jax.value_and_grad(o)(u, th),
+        (objective, x, theta),
+        (t_objective, t_x, t_theta),
+    )
+    return cached, tangent_out
 
 
 def two_loop(
@@ -85,11 +114,13 @@ class LBFGS(AbstractSolver):
 
     **Unknowns and auxiliary state.** The unknowns are $z = x$ (any pytree of
     floating-point arrays). The memory $(s_i, y_i, \\rho_i)$, the previous
-    iterate and gradient, the gradient norm and a `RESULTS` code are
-    auxiliary state: they never enter `Implicit`'s linear system. One
-    gradient is evaluated per step (the pair ending at $x_k$ is formed at the
-    start of the step from the gradient it needs anyway), plus the line
-    search's trial evaluations.
+    iterate and gradient, the value and gradient at the current iterate, the
+    gradient norm and a `RESULTS` code are auxiliary state: they never enter
+    `Implicit`'s linear system. A step evaluates only the line search's
+    trials: the value and gradient at the accepted point are kept for the
+    next step (with `Wolfe`, whose trials compute the gradient anyway, one
+    value and gradient per step when the unit step is accepted; with
+    `Backtracking` one extra gradient at the accepted point).
 
     **Optimality.** `optimality` is $\\nabla_x f$, tagged symmetric positive
     semidefinite: `Implicit()` differentiates the exact solution,
@@ -134,8 +165,8 @@ class LBFGS(AbstractSolver):
       `Backtracking()` (cheaper per trial: a value, no gradient; enough for
       strictly convex objectives, where $\\langle s, y\\rangle > 0$ always).
 
-    The stopping residual (`residual_norm`) is $\\|\\nabla_x f(x_k)\\|$ at the
-    start of the last step. `status` reports `RESULTS.linesearch_failed`
+    The stopping residual (`residual_norm`) is $\\|\\nabla_x f(x_k)\\|$ at
+    the iterate returned. `status` reports `RESULTS.linesearch_failed`
     when no acceptable step was found; the iterate is then left unchanged.
 
     !!! warning
@@ -171,10 +202,21 @@ class LBFGS(AbstractSolver):
                 f"(ig.Wolfe(), ig.Backtracking()), got {self.linesearch!r}."
             )
 
+    def _flat_objective(self, z, theta):
+        flat, unravel = ravel_pytree(z)
+        # Arrays the objective closes over become explicit inputs, so that
+        # derivatives reach them through the gradient.
+        objective = eqx.filter_closure_convert(
+            lambda u, th: self.objective(unravel(u), th), flat, theta
+        )
+        return flat, unravel, objective
+
     def init(self, x0, theta):
         x0 = check_iterate("LBFGS", x0)
-        flat, _ = ravel_pytree(x0)
+        flat, _, objective = self._flat_objective(x0, theta)
         n, dtype = flat.size, flat.dtype
+        f, g = jax.lax.stop_gradient(jax.value_and_grad(objective)(flat, theta))
+        g = g.astype(dtype)
         aux = _LBFGSAux(
             s=jnp.zeros((self.memory, n), dtype),
             y=jnp.zeros((self.memory, n), dtype),
@@ -183,20 +225,17 @@ class LBFGS(AbstractSolver):
             x_prev=jnp.zeros((n,), dtype),
             g_prev=jnp.zeros((n,), dtype),
             has_prev=jnp.array(False),
-            gradient_norm=jnp.array(jnp.inf, dtype),
+            f=f,
+            g=g,
+            gradient_norm=jnp.linalg.norm(g),
             result=RESULTS.successful,
         )
         return x0, aux
 
     def step(self, z, aux, theta):
-        flat, unravel = ravel_pytree(z)
+        flat, unravel, objective = self._flat_objective(z, theta)
         dtype = flat.dtype
-        # Arrays the objective closes over become explicit inputs, so that
-        # derivatives reach them through the gradient below.
-        objective = eqx.filter_closure_convert(
-            lambda u, th: self.objective(unravel(u), th), flat, theta
-        )
-        f, g = jax.value_and_grad(objective)(flat, theta)
+        f, g = _value_and_grad_at(objective, flat, theta, (aux.f, aux.g))
         g = g.astype(dtype)
 
         # The pair ending at x_k. The memory is a function of past iterates:
@@ -228,11 +267,14 @@ class LBFGS(AbstractSolver):
         direction = -two_loop(g, s_mem, y_mem, rho_mem, newest, gamma)
 
         frozen_objective, frozen_theta = tree_freeze((objective, theta))
-        t, found = self.linesearch(
+        t, found, f_new, g_new = self.linesearch.search(
             lambda u: frozen_objective(u, frozen_theta),
             *tree_freeze((flat, f, g, direction)),
         )
         new_flat = jnp.where(found, flat + t * direction, flat).astype(dtype)
+        f_new, g_new = jax.lax.stop_gradient(
+            (jnp.where(found, f_new, f), jnp.where(found, g_new.astype(dtype), g))
+        )
         new_aux = _LBFGSAux(
             s=s_mem,
             y=y_mem,
@@ -241,7 +283,9 @@ class LBFGS(AbstractSolver):
             x_prev=jax.lax.stop_gradient(flat),
             g_prev=jax.lax.stop_gradient(g),
             has_prev=jnp.array(True),
-            gradient_norm=gradient_norm,
+            f=f_new,
+            g=g_new,
+            gradient_norm=jnp.linalg.norm(g_new),
             result=RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
         )
         return unravel(new_flat), new_aux

@@ -52,6 +52,22 @@ class AbstractLineSearch(eqx.Module):
         """Search along `direction` from `x`, where `fn(x) = f0` and
         `grad fn(x) = g0`. Returns `(t, success)`."""
 
+    def search(
+        self,
+        fn: Callable[[Float[Array, " n"]], Scalar],
+        x: Float[Array, " n"],
+        f0: Scalar,
+        g0: Float[Array, " n"],
+        direction: Float[Array, " n"],
+    ) -> tuple[Scalar, Bool[Array, ""], Scalar, Float[Array, " n"]]:
+        """Like `__call__`, and also returns the value and gradient of `fn` at
+        $x + t d$, so that a solver that needs them next (L-BFGS) does not
+        evaluate them twice. This default evaluates them after the search;
+        a search that computes them anyway (`Wolfe`) returns its own."""
+        t, found = self(fn, x, f0, g0, direction)
+        f, g = jax.value_and_grad(fn)(x + t * direction)
+        return t, found, f, g
+
 
 def _check_line_search(name: str, c1: float, max_steps: int) -> None:
     if not 0 < c1 < 0.5:
@@ -146,6 +162,10 @@ class Wolfe(AbstractLineSearch):
             raise ValueError(f"Wolfe(c2=...) must lie in (c1, 1), got c2={self.c2}.")
 
     def __call__(self, fn, x, f0, g0, direction):
+        t, found, _, _ = self.search(fn, x, f0, g0, direction)
+        return t, found
+
+    def search(self, fn, x, f0, g0, direction):
         value_and_grad = jax.value_and_grad(fn)
         slope = jnp.vdot(g0, direction)
         slack = _roundoff(f0)
@@ -154,7 +174,7 @@ class Wolfe(AbstractLineSearch):
 
         def evaluate(t):
             f, g = value_and_grad(x + t * direction)
-            return f, jnp.vdot(g, direction)
+            return f, g, jnp.vdot(g, direction)
 
         def decrease(t, f):
             return jnp.isfinite(f) & (f <= f0 + self.c1 * t * slope + slack)
@@ -168,32 +188,33 @@ class Wolfe(AbstractLineSearch):
             return negligible | (decrease(t, f) & curvature(s))
 
         def cond_fun(carry):
-            t, _, _, f, s, i = carry
+            t, _, _, f, _, s, i = carry
             return (~accepted(t, f, s)) & (i < self.max_steps)
 
         def body_fun(carry):
-            t, lo, hi, f, s, i = carry
+            t, lo, hi, f, _, s, i = carry
             # Too long: no sufficient decrease, or (strong) past the minimiser.
             too_long = ~decrease(t, f) | (self.strong & (s > 0))
             hi = jnp.where(too_long, t, hi)
             lo = jnp.where(too_long, lo, t)
             t = jnp.where(jnp.isfinite(hi), (lo + hi) / 2, 2 * t)
-            f, s = evaluate(t)
-            return t, lo, hi, f, s, i + 1
+            f, g, s = evaluate(t)
+            return t, lo, hi, f, g, s, i + 1
 
         one = jnp.ones((), dtype)
-        f1, s1 = evaluate(one)
+        f1, g1, s1 = evaluate(one)
         init = (
             one,
             jnp.zeros((), dtype),
             jnp.full((), jnp.inf, dtype),
             f1,
+            g1,
             s1,
             jnp.array(0),
         )
-        t, _, _, f, s, _ = jax.lax.while_loop(cond_fun, body_fun, init)
+        t, _, _, f, g, s, _ = jax.lax.while_loop(cond_fun, body_fun, init)
         descent = jnp.isfinite(slope) & (slope <= slack)
-        return t, descent & accepted(t, f, s)
+        return t, descent & accepted(t, f, s), f, g
 
 
 class _NewtonAux(eqx.Module):
