@@ -271,7 +271,7 @@ def test_pytree_unknowns_and_closed_over_data(logistic, reference):
         return problem.objective(jnp.concatenate([x["b"], x["w"]]), th)
 
     x0 = {"b": jnp.zeros(1), "w": jnp.zeros(problem.n - 1)}
-    sol = ig.solve(
+    sol = eqx.filter_jit(ig.solve)(
         ig.LBFGS(objective),
         x0,
         theta,
@@ -297,7 +297,7 @@ def test_pytree_unknowns_and_closed_over_data(logistic, reference):
         ).value
 
     c = jnp.array([1.0])
-    J = jax.jacrev(x_of_scale)(c)
+    J = jax.jit(jax.jacrev(x_of_scale))(c)
     fd = central_difference_jacobian(jax.jit(x_of_scale), c)
     assert relative_error(J, fd) < RTOL_FD
 

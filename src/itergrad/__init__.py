@@ -5,7 +5,7 @@ See Bolte, Pauwels, Vaiter, *One-step differentiation of iterative algorithms*
 private.
 """
 
-from . import problems as problems, prox as prox, solvers as solvers
+from . import nn as nn, problems as problems, prox as prox, solvers as solvers
 from ._bilevel import (
     History as History,
     HypergradientDescent as HypergradientDescent,
@@ -53,6 +53,7 @@ __all__ = [
     "hypergradient_epsilon",
     "hypergradient_stepsize",
     "iterate",
+    "nn",
     "problems",
     "prox",
     "result_name",

@@ -1,5 +1,6 @@
 """Built-in solvers: one algorithm family per module."""
 
+from ._anderson import Anderson as Anderson
 from ._base import (
     AbstractSolver as AbstractSolver,
     FixedPointIteration as FixedPointIteration,
@@ -15,6 +16,11 @@ from ._newton import (
     Wolfe as Wolfe,
 )
 from ._proximal import ProximalGradient as ProximalGradient
+from ._sinkhorn import (
+    OTProblem as OTProblem,
+    Sinkhorn as Sinkhorn,
+    sqeuclidean as sqeuclidean,
+)
 
 __all__ = ["AbstractSolver", "FixedPointIteration"]
 __all__ += [
@@ -28,3 +34,5 @@ __all__ += [
 ]
 __all__ += ["InteriorPointQP"]
 __all__ += ["LBFGS", "ProximalGradient"]
+__all__ += ["Anderson"]
+__all__ += ["OTProblem", "Sinkhorn"]
