@@ -63,6 +63,7 @@ def test_newton_onestep_finds_heldout_optimal_lambda():
     assert abs(results["OneStep"]["theta"] - results["Implicit"]["theta"]) < 1e-6
 
 
+@pytest.mark.slow  # the end-to-end example (~30 s); the ridge example above stays
 def test_logistic_weights_example_downweights_flipped_labels():
     results = _example("logistic_weights").main(quick=True)
     for name in ("OneStep", "Implicit", "Unroll"):
@@ -99,7 +100,7 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     def onestep_objective(theta):
         return outer(ig.solve(solver, x0, theta, **fixed_k).value, theta)
 
-    g_onestep = jax.grad(onestep_objective)(theta)
+    g_onestep = jax.jit(jax.grad(onestep_objective))(theta)  # one compilation
     g_true = jax.grad(lambda t: outer(x_bar(t), t))(theta)
     error = float(jnp.abs(g_onestep - g_true))
 
@@ -108,7 +109,7 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     lam = math.exp(float(theta))
     rho = 1.0 - alpha * (float(eigs[0]) + lam)
     # The inner iterates, by the gradient step written out (not solver.step).
-    grad_inner = jax.grad(inner)
+    grad_inner = jax.jit(jax.grad(inner))  # compiled once, not dispatched op by op
     iterates = [x0]
     for _ in range(k):
         iterates.append(iterates[-1] - alpha * grad_inner(iterates[-1], theta))
@@ -127,8 +128,9 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     # OneStep's fixed point is biased: the true hypergradient does not vanish.
     assert error > 1e-6
     # diagnose finds the same constants matrix-free.
-    sol = ig.solve(solver, x0, theta, **fixed_k)
-    report = ig.diagnose(solver, sol, theta, key=jr.key(0))
+    # Solve and diagnose in one compilation (only rho and L_J are read).
+    report = eqx.filter_jit(lambda x0, theta: ig.diagnose(
+        solver, ig.solve(solver, x0, theta, **fixed_k), theta, key=jr.key(0)))(x0, theta)
     np.testing.assert_allclose(float(report.rho), rho, rtol=1e-3)
     np.testing.assert_allclose(float(report.L_J), L_J, rtol=1e-6)
 

@@ -110,7 +110,9 @@ def test_float_bookkeeping_does_not_enter_the_implicit_system(condition):
             rtol=1e-13, atol=1e-13,
         ).value
 
-    J = jax.jacfwd(x_of)(theta)
+    # Jitted: one compilation instead of op-by-op dispatch (the recording
+    # linear solver is initialised at trace time all the same).
+    J = jax.jit(jax.jacfwd(x_of))(theta)
     # The operator is n x n: the 500 floats of memory and the two float
     # statistics are no unknowns.
     assert sizes and all(size == (N, N) for size in sizes)
@@ -119,7 +121,8 @@ def test_float_bookkeeping_does_not_enter_the_implicit_system(condition):
     fd = central_difference_jacobian(solution, theta)
     assert relative_error(J, fd) < 1e-7
     # The solve ran through the bookkeeping.
-    sol = ig.solve(solver, jnp.zeros(N), theta, max_steps=5000, rtol=1e-13, atol=1e-13)
+    sol = jax.jit(lambda t: ig.solve(solver, jnp.zeros(N), t, max_steps=5000,
+                                     rtol=1e-13, atol=1e-13))(theta)
     assert float(sol.state.aux.steps_taken) == int(sol.steps)
     assert int(sol.state.aux.counter) == int(sol.steps)
 
@@ -130,15 +133,24 @@ def test_bookkeeping_is_invisible_to_diagnose_and_auto_truncation():
     plain = ig.GradientDescent(objective, 1.0 / L)
     with_aux = BookkeepingDescent(objective, 1.0 / L)
     reports = []
+
+    # Jitted (solve and diagnose in one compilation per solver); the
+    # recommendation is not read here, only rho and L_F.
+    @eqx.filter_jit
+    def solve_and_diagnose(solver, theta):
+        sol = ig.solve(solver, jnp.zeros(N), theta, max_steps=5000, rtol=1e-12,
+                       atol=1e-12)
+        return ig.diagnose(solver, sol, theta, key=jr.key(1))
+
     for solver in (plain, with_aux):
-        sol = ig.solve(solver, jnp.zeros(N), theta, max_steps=5000, rtol=1e-12, atol=1e-12)
-        reports.append(ig.diagnose(solver, sol, theta, key=jr.key(1)))
+        reports.append(solve_and_diagnose(solver, theta))
     np.testing.assert_allclose(float(reports[0].rho), float(reports[1].rho), rtol=1e-10)
     np.testing.assert_allclose(float(reports[0].L_F), float(reports[1].L_F), rtol=1e-10)
     auto = ig.Truncated("auto", target=1e-6, max_K=200)
     Ks = [
-        int(ig.solve(s, jnp.zeros(N), theta, estimator=auto, max_steps=5000,
-                     rtol=1e-12, atol=1e-12).stats["differentiated_steps"])
+        int(eqx.filter_jit(lambda s, t: ig.solve(
+            s, jnp.zeros(N), t, estimator=auto, max_steps=5000, rtol=1e-12,
+            atol=1e-12).stats["differentiated_steps"])(s, theta))
         for s in (plain, with_aux)
     ]
     assert Ks[0] == Ks[1] > 1
@@ -213,15 +225,16 @@ def test_linear_solve_derivative_is_that_of_the_exact_solve(kind):
     at_u = jnp.stack(
         [jnp.linalg.solve(matrix, -M1 @ u), jnp.linalg.solve(matrix, r1)], axis=1
     )
-    for jac in (jax.jacfwd, jax.jacrev):
-        J = jac(u_of)(t)
+    # Each derivative jitted: one compilation instead of op-by-op dispatch.
+    jacobians = {jac: jax.jit(jac(u_of))(t) for jac in (jax.jacfwd, jax.jacrev)}
+    for J in jacobians.values():
         np.testing.assert_allclose(J, at_u, rtol=1e-10, atol=1e-10)
     if kind == "factorised":
-        np.testing.assert_allclose(jax.jacrev(u_of)(t), closed_form, rtol=1e-10)
-        fd = central_difference_jacobian(u_of, t)
+        np.testing.assert_allclose(jacobians[jax.jacrev], closed_form, rtol=1e-10)
+        fd = central_difference_jacobian(jax.jit(u_of), t)
         np.testing.assert_allclose(fd, closed_form, rtol=1e-6, atol=1e-8)
         # Higher derivatives apply the same rule again: exact too.
-        H = jax.jacfwd(jax.jacrev(lambda s: u_of(s)[0]))(t)
+        H = jax.jit(jax.jacfwd(jax.jacrev(lambda s: u_of(s)[0])))(t)
         H_exact = jax.hessian(lambda s: exact(s)[0])(t)
         np.testing.assert_allclose(H, H_exact, rtol=1e-9, atol=1e-10)
 
@@ -237,11 +250,10 @@ def test_implicit_tags_let_cg_solve_the_hessian_system():
     def x_of(t, estimator):
         return ig.solve(ig.Newton(objective), jnp.zeros(N), t, estimator=estimator).value
 
-    J = jax.jacrev(lambda t: x_of(t, ig.Implicit(linear_solver=cg)))(theta)
+    J = jax.jit(jax.jacrev(lambda t: x_of(t, ig.Implicit(linear_solver=cg))))(theta)
     assert relative_error(J, jax.jacfwd(solution)(theta)) < 1e-10
     assert relative_error(J, central_difference_jacobian(solution, theta)) < 1e-7
     # Without the tags (an explicit empty set) CG is refused with Lineax's message.
     with pytest.raises(ValueError, match="positive"):
-        jax.jacrev(lambda t: x_of(t, ig.Implicit(linear_solver=cg, tags=frozenset())))(
-            theta
-        )
+        jax.jit(jax.jacrev(
+            lambda t: x_of(t, ig.Implicit(linear_solver=cg, tags=frozenset()))))(theta)

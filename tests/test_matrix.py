@@ -32,7 +32,8 @@ closed form at the iterates minus at x̄, computed; ~ ‖x_k - x̄‖):
 | neumann30           | Σ_{i<30} M^i B(x_k)            | ρ^30    | 9.3e-10      | 1.8e-4          | √2‖T^30‖ = 6.7e-6              |
 
 (Fewer than K steps: K is the number of steps. `truncated_auto` also checks
-its power-iteration ρ̂ against ‖M‖ (RHO_TOL) and K = ⌈log(t/(1+t))/log ρ̂⌉.)
+its power-iteration ρ̂ against ‖M‖ (never below it by more than RHO_TOL,
+above by at most 5% of 1 - ‖M‖) and K = ⌈log(t/(1+t))/log ρ̂⌉.)
 
 Superlinear solvers (`newton`, `newton_cg`, `qp`): M = 0 at x̄, so every
 estimator's error is O(‖x_{k-1} - x̄‖) (Corollary 3; Unroll and Implicit
@@ -70,7 +71,7 @@ Cells that do not run normally (each is listed and checked, none skipped)
   Corollary 1 gives no bound; OneStep still returns its closed form
   B(x_{k-1}) (checked) and that is > 10% from J̄ (checked).
 - Library bugs, run as `xfail(strict=True)` (`LIBRARY_BUGS`): `qp` x
-  `implicit_fp` x `vmap` in float32 (see the reason there). The float32 QP
+  `implicit_fp` / `truncated_auto` / `neumann30` x `vmap` in float32 (see the reasons there). The float32 QP
   converges again since its proximal shifts follow the dtype
   (`InteriorPointQP._shifts`).
 
@@ -620,6 +621,13 @@ LIBRARY_BUGS: dict[tuple[str, str | None, str | None, str | None], str] = {
     "I - J_w F (the predictor-corrector step's Jacobian, which divides by "
     "slacks of order 1e-6 at the solution) returns non-finite output; the "
     "optimality condition (implicit_opt) is fine in every transform.",
+    ("qp", "truncated_auto", "vmap", "f32"): "Truncated('auto') on the float32 "
+    "QP under vmap: Lineax's non-finite check fires in the fixed-point "
+    "linearisation of the step (the Neumann tail, computed for every instance "
+    "under vmap), as for implicit_fp above.",
+    ("qp", f"neumann{K_NEUMANN}", "vmap", "f32"): "Implicit(Neumann) on the "
+    "float32 QP under vmap: the same fixed-point linearisation as implicit_fp "
+    "above returns non-finite output for one of the three thetas.",
 }
 
 
@@ -636,10 +644,15 @@ def _cells():
     for solver, name, transform, dtype in itertools.product(
         SOLVERS, ESTIMATORS, TRANSFORMS, DTYPES
     ):
-        marks = ()
+        marks = []
         bug = _library_bug(solver, name, transform, dtype)
         if bug is not None and (name, transform) not in UNSUPPORTED:
-            marks = pytest.mark.xfail(strict=True, reason=bug)
+            marks.append(pytest.mark.xfail(strict=True, reason=bug))
+        if dtype == "f32" and transform != "jit":
+            # The default run checks float32 through `jit` (every solver x
+            # estimator); its other transforms are in the slow tier
+            # (`pytest -m slow`), as float64 covers every transform.
+            marks.append(pytest.mark.slow)
         yield pytest.param(
             solver, name, transform, dtype, marks=marks,
             id=f"{solver}-{name}-{transform}-{dtype}",
@@ -741,9 +754,12 @@ def _check(solver, name, dtype, index, J, aux):
     if name == "truncated_auto":
         rho_hat, K = float(aux["rho"]), int(aux["K"])
         if ref.rho > 0:
-            # Power iteration (from the last step) finds rho = ‖M‖, and K is
-            # the documented choice for it (all steps when there are fewer).
-            assert abs(rho_hat - ref.rho) <= RHO_TOL[dtype] * ref.rho, (rho_hat, ref.rho)
+            # Power iteration (from the last step) finds rho = ‖M‖, corrected
+            # upwards by its eigenpair's residual: never below rho (up to
+            # rounding), above by a small part of 1 - rho; and K is the
+            # documented choice for it (all steps when there are fewer).
+            assert -RHO_TOL[dtype] * ref.rho <= rho_hat - ref.rho, (rho_hat, ref.rho)
+            assert rho_hat - ref.rho <= 0.05 * (1 - ref.rho), (rho_hat, ref.rho)
             assert K == min(_auto_K(rho_hat), int(aux["steps"])), (K, rho_hat)
         elif dtype == "f64":
             # rho = ‖J_x F(x_k)‖ = O(‖x_k - x̄‖) ≈ 0 at a tight superlinear

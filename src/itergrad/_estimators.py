@@ -304,26 +304,21 @@ class Truncated(AbstractEstimator):
         )
         cap = max_K + max_tail
         needed = needed_truncation(rho, target, cap)
+        replayed, gap = replay_last_steps(
+            out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
+        )
         # Beyond the stored states the truncated sum sum_{i<K} J^i J_theta F
         # is continued with the Jacobians frozen at z_k: a K-term Neumann
-        # series (memory n, K products), used only when K > max_K. A
-        # `lax.cond`, so that the usual case differentiates one branch only
-        # (under `vmap` it becomes a select and both run).
+        # series (memory n, K products), used only when K > max_K (with 0
+        # terms otherwise). Both are computed: a `lax.cond` here made
+        # Lineax's non-finite check fire under `vmap` of Newton and QP cells
+        # (tests/test_matrix.py), not investigated further.
         use_tail = (needed > max_K) & (needed <= cap)
-
-        def neumann_tail():
-            tail = implicit_unknowns(
-                solver, out.state, theta, "fixed_point",
-                NeumannTail(needed), frozenset(), False,
-            )
-            return tail, jnp.zeros((max_K,), rho.dtype)
-
-        def replay():
-            return replay_last_steps(
-                out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
-            )
-
-        z, gap = jax.lax.cond(use_tail, neumann_tail, replay)
+        tail = implicit_unknowns(
+            solver, out.state, theta, "fixed_point",
+            NeumannTail(jnp.where(use_tail, needed, 0)), frozenset(), False,
+        )
+        z = tree_where(use_tail, tail, replayed)
         failure = RESULTS.where(
             rho >= 1, RESULTS.not_contracting, RESULTS.truncation_target_unreachable
         )
@@ -335,7 +330,7 @@ class Truncated(AbstractEstimator):
             result=result,
             differentiated_steps=jnp.where(use_tail, needed, jnp.minimum(needed, out.steps)),
             contraction=rho,
-            replay_gaps=gap,
+            replay_gaps=jnp.where(use_tail, 0.0, gap),
         )
         return State(z, out.state.aux), out
 
