@@ -23,3 +23,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(mark.kwargs.get("strict") for mark in item.iter_markers("xfail")):
             item.add_marker(pytest.mark.slow)
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Modules whose tests share expensive module-scoped fixtures or compiled
+# functions: with `--dist loadgroup` (pyproject.toml) each runs on one
+# pytest-xdist worker, so the fixture is computed and the solver compiled
+# once, not once per worker.
+_GROUPED_MODULES = {
+    "test_experiments",
+    "test_gradient",
+    "test_inexact_newton",
+    "test_lbfgs",
+    "test_maros_meszaros",
+    "test_newton",
+    "test_problems",
+    "test_proximal",
+    "test_qp",
+    "test_sinkhorn",
+    "test_error_bound",
+}
+
+
+def _xdist_group(item):
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if module == "test_matrix" and {"solver", "name", "dtype"} <= params.keys():
+        # The matrix compiles one function per (solver, estimator, dtype) and
+        # applies every transform to it (functools.cache): keep a family on
+        # one worker.
+        return f"matrix-{params['solver']}-{params['name']}-{params['dtype']}"
+    if module in _GROUPED_MODULES:
+        return module
+    return None

@@ -216,6 +216,7 @@ def test_bad_arguments():
         ig.nn.DEQ(CELL)(X)  # z defaults to x's shape (3,), the cell's is (4,)
 
 
+@pytest.mark.slow  # the end-to-end example; the layer tests above stay
 def test_digits_example_tiny(tmp_path):
     path = pathlib.Path(__file__).parents[1] / "examples" / "deq_digits.py"
     spec = importlib.util.spec_from_file_location("deq_digits", path)

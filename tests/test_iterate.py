@@ -238,6 +238,7 @@ def _compiled_temp_bytes(estimator, max_steps, n=100):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # compiles several loop lengths to read their memory
 def test_memory_of_onestep_and_implicit_does_not_grow_with_max_steps():
     for estimator in (ig.OneStep(), ig.Implicit(), ig.Truncated(5)):
         assert _compiled_temp_bytes(estimator, 10) == _compiled_temp_bytes(estimator, 1000)

@@ -163,7 +163,18 @@ def test_backtracking_solution_matches_newton(logistic, reference):
     assert int(sol.state.aux.count) > 0
 
 
-@pytest.mark.parametrize("name, estimator, modes, tol", ESTIMATORS, ids=IDS)
+# Implicit (dense), OneStep, Unroll in both modes run by default; the other
+# variants of the same checks are in the slow tier (`pytest -m slow`).
+_SLOW = {"implicit_cg", "implicit_fixed_point", "truncated"}
+
+
+@pytest.mark.parametrize(
+    "name, estimator, modes, tol",
+    [
+        pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] in _SLOW else [])
+        for case in ESTIMATORS
+    ],
+)
 def test_estimator_matrix(
     logistic, thetas, reference, fd_jacobian, name, estimator, modes, tol
 ):

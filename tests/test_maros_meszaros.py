@@ -160,7 +160,9 @@ def test_degenerate_vertex_is_detected(solved):
     assert not _nondegenerate(qp, sol, "QAFIRO")
 
 
-@pytest.mark.parametrize("name", ["HS118", "HS21", "HS35"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("HS118", marks=pytest.mark.slow), "HS21", "HS35"]
+)
 def test_derivatives_onestep_implicit_fd(solved, name):
     qp, sol = solved[name]
     assert _nondegenerate(qp, sol, name)

@@ -136,6 +136,7 @@ def test_gradients_all_fields(problem):
         assert relative_error(getattr(g_os, field), getattr(g_im, field)) < AGREE_TOL
 
 
+@pytest.mark.slow  # n = 300 compile; the smaller sizes stay in the default run
 def test_one_step_at_a_larger_size_is_not_biased_by_the_step_length():
     """The last step's length α carries no derivative: differentiating the
     fraction-to-boundary rule added Δ ∂α/∂θ and left OneStep 1.9e-8 away from

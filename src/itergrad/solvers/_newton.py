@@ -53,14 +53,9 @@ class AbstractLineSearch(eqx.Module):
         `grad fn(x) = g0`. Returns `(t, success)`."""
 
     def search(
-        self,
-        fn: Callable[[Float[Array, " n"]], Scalar],
-        x: Float[Array, " n"],
-        f0: Scalar,
-        g0: Float[Array, " n"],
-        direction: Float[Array, " n"],
+        self, fn, x, f0, g0, direction
     ) -> tuple[Scalar, Bool[Array, ""], Scalar, Float[Array, " n"]]:
-        """Like `__call__`, and also returns the value and gradient of `fn` at
+        """Like `__call__` (same arguments), and also returns the value and gradient of `fn` at
         $x + t d$, so that a solver that needs them next (L-BFGS) does not
         evaluate them twice. This default evaluates them after the search;
         a search that computes them anyway (`Wolfe`) returns its own."""
