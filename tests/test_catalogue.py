@@ -322,6 +322,7 @@ def _write(folder, text, name="ints.txt"):
     return name
 
 
+@pytest.mark.slow  # QP compiles dominate: slow tier (CI time budget)
 def test_S15_vmapped_unrolled_qp_layers_have_right_gradients():
     # 12 of the 32 drawn instances (one jitted vmap): they already cover
     # supports of sizes 1, 2 and 3 at many positions, the property checked.
@@ -876,6 +877,7 @@ def test_R14_R15_infeasible_and_unbounded_qps_are_reported(case):
             eqx.filter_jit(lambda qp: ig.solve(ig.InteriorPointQP(), None, qp).value)(qp))
 
 
+@pytest.mark.slow  # QP compiles dominate: slow tier (CI time budget)
 @pytest.mark.parametrize("case", [
     "non-symmetric-Q", "m=p=0", "duplicated-active-row"])
 def test_R16_qp_variants_give_right_answers(case):

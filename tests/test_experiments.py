@@ -60,6 +60,7 @@ def test_report_states_the_claims(results):
     assert "**held**" in report
 
 
+@pytest.mark.slow  # reruns reproduce: slow tier (CI time budget)
 def test_second_run_reuses_then_force_and_only_recompute(results):
     before = _mtimes(results)
     assert main(["reproduce", "--tiny", "--out", str(results), "--seed", "1"]) == 0
@@ -76,6 +77,7 @@ def test_second_run_reuses_then_force_and_only_recompute(results):
     assert all(_module(name).TITLE in report for name in NAMES)
 
 
+@pytest.mark.slow  # reruns reproduce twice: slow tier (CI time budget)
 def test_settings_decide_reuse(results, tmp_path):
     # On a copy of the fixture's run (seed 1, every experiment): the same
     # settings reuse table2's CSV, another seed recomputes it, and a rerun with

@@ -190,6 +190,7 @@ def test_jit_and_vmap_over_b():
         np.testing.assert_allclose(gs[i], _grad(qp_i, ig.OneStep()).b, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.slow  # two more QP compiles: slow tier (CI time budget)
 @pytest.mark.parametrize("kind", ["equality_only", "inequality_only"])
 def test_one_kind_of_constraint(kind):
     full = random_qp(jr.PRNGKey(4), 12, 4, 8)
