@@ -41,8 +41,6 @@ class _LBFGSAux(eqx.Module):
     # `_value_and_grad_at`).
     f: Scalar
     g: Float[Array, " n"]
-    # ||grad f(x_k)|| at the current iterate: the stopping residual.
-    gradient_norm: Scalar
     result: RESULTS
 
 
@@ -114,8 +112,8 @@ class LBFGS(AbstractSolver):
 
     **Unknowns and auxiliary state.** The unknowns are $z = x$ (any pytree of
     floating-point arrays). The memory $(s_i, y_i, \\rho_i)$, the previous
-    iterate and gradient, the value and gradient at the current iterate, the
-    gradient norm and a `RESULTS` code are auxiliary state: they never enter
+    iterate and gradient, the value and gradient at the current iterate and a
+    `RESULTS` code are auxiliary state: they never enter
     `Implicit`'s linear system. A step evaluates only the line search's
     trials: the value and gradient at the accepted point are kept for the
     next step (with `Wolfe`, whose trials compute the gradient anyway, one
@@ -227,7 +225,6 @@ class LBFGS(AbstractSolver):
             has_prev=jnp.array(False),
             f=f,
             g=g,
-            gradient_norm=jnp.linalg.norm(g),
             result=RESULTS.successful,
         )
         return x0, aux
@@ -285,7 +282,6 @@ class LBFGS(AbstractSolver):
             has_prev=jnp.array(True),
             f=f_new,
             g=g_new,
-            gradient_norm=jnp.linalg.norm(g_new),
             result=RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
         )
         return unravel(new_flat), new_aux
@@ -297,7 +293,7 @@ class LBFGS(AbstractSolver):
         return jax.grad(self.objective)(z, theta)
 
     def residual_norm(self, z, new_z, new_aux, theta):
-        return new_aux.gradient_norm
+        return jnp.linalg.norm(new_aux.g)
 
     def status(self, aux):
         return aux.result
