@@ -29,6 +29,14 @@ def test_result_name_of_each_item(name):
     assert ig.result_name(jax.jit(lambda r: r)(item)) == name
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_results_item_prints_its_name(name):
+    # equinox prints an item as `RESULTS<message>`; every message starts with
+    # the name, so the repr is never the bare `RESULTS<>`.
+    text = repr(getattr(ig.RESULTS, name))
+    assert text.endswith(f"RESULTS<{name}>") or f"RESULTS<{name}: " in text
+
+
 def test_solution_repr_shows_the_name_not_the_message():
     converged = ig.iterate(_halving, jnp.zeros(2), jnp.ones(2))
     assert ig.result_name(converged.result) == "successful"

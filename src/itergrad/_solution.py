@@ -10,7 +10,9 @@ from jaxtyping import Array, Int, PyTree, Real
 class RESULTS(eqx.Enumeration):
     """Runtime outcomes of `itergrad.iterate` / `itergrad.solve`.
 
-    Each message says what went wrong and what to change. With `throw=True`
+    Each message starts with the outcome's name (so that a `RESULTS` value
+    prints as e.g. `RESULTS<successful>`; equinox prints an enumeration item
+    by its message) and says what went wrong and what to change. With `throw=True`
     (the default) any outcome other than `successful` raises an
     `equinox.EquinoxRuntimeError` carrying this message.
 
@@ -20,44 +22,44 @@ class RESULTS(eqx.Enumeration):
     `jit`: `sol.result == ig.RESULTS.successful`.
     """
 
-    successful = ""
+    successful = "successful"
     max_steps_reached = (
-        "The iteration did not converge within `max_steps`: increase `max_steps`, "
+        "max_steps_reached: The iteration did not converge within `max_steps`: increase `max_steps`, "
         "loosen `rtol`/`atol`, or check that the step map is a contraction "
         "(`itergrad.diagnose` estimates its contraction factor). Pass `throw=False` "
         "to get the last iterate anyway, flagged in `Solution.result`."
     )
     nonfinite = (
-        "A non-finite value (NaN or Inf) appeared in `theta`, `x0` or an iterate. "
+        "nonfinite: A non-finite value (NaN or Inf) appeared in `theta`, `x0` or an iterate. "
         "Check the inputs for NaN/Inf, and lower the step size if the iteration "
         "diverges."
     )
     linear_solve_failed = (
-        "A linear solve failed (singular or ill-conditioned system): a Newton "
+        "linear_solve_failed: A linear solve failed (singular or ill-conditioned system): a Newton "
         "system whose Hessian is not positive definite, or, for the implicit "
         "estimator, an optimality condition that is degenerate at the solution "
         "(e.g. a non-strictly-complementary QP). Try another `linear_solver`, "
         "or `Implicit(condition=...)`."
     )
     linesearch_failed = (
-        "The line search could not find an acceptable step: the objective may be "
+        "linesearch_failed: The line search could not find an acceptable step: the objective may be "
         "non-smooth, non-convex or badly scaled at the current iterate."
     )
     infeasible = (
-        "The problem appears infeasible or unbounded: the interior-point residuals "
+        "infeasible: The problem appears infeasible or unbounded: the interior-point residuals "
         "stopped decreasing while the iterates grew. Check that the constraints "
         "`Ax = b`, `Gx <= h` admit a solution and that `Q` is positive definite "
         "on the feasible set."
     )
     not_contracting = (
-        "The step map is not a contraction at the solution: its estimated "
+        "not_contracting: The step map is not a contraction at the solution: its estimated "
         "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`). One-step, "
         "truncated and Neumann derivatives do not converge there. Use "
         "`Implicit()` (valid when I - J_z F is invertible), or check the solver "
         "(step size, momentum)."
     )
     truncation_target_unreachable = (
-        "`Truncated('auto', target)` cannot meet its target: the estimated "
+        "truncation_target_unreachable: `Truncated('auto', target)` cannot meet its target: the estimated "
         "contraction factor (`sol.stats['contraction']`) needs more differentiated "
         "steps (`sol.stats['differentiated_steps']`) than `max_K + max_tail`. Use "
         "`Implicit()`, raise `max_tail`, or loosen `target`."
@@ -92,7 +94,7 @@ class Solution(eqx.Module):
 
     def __repr__(self) -> str:
         # Equinox prints an enumeration item as `RESULTS<message>`, which is
-        # `RESULTS<>` for success; show the item's name instead.
+        # long for a failure; show the item's name alone.
         if not isinstance(self.result, RESULTS) or self.result.is_traced():
             return eqx.tree_pformat(self)
         named = _Named(f"RESULTS.{result_name(self.result)}")
@@ -113,8 +115,8 @@ def result_name(result: RESULTS) -> str:
     """The name of a `RESULTS` value: `result_name(ig.RESULTS.successful)` is
     `"successful"`.
 
-    Equinox prints enumeration items by their message (`RESULTS<>` for
-    success, a paragraph for a failure); this gives the short name, e.g. for
+    Equinox prints an enumeration item by its message (the name followed by
+    a paragraph for a failure); this gives the short name alone, e.g. for
     logs and tables: `result_name(sol.result)`.
 
     **Arguments:**
