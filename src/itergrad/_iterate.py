@@ -107,29 +107,6 @@ def solve(
             f"`solver` must be an itergrad solver, got {type(solver).__name__}; "
             "for a plain step map use `itergrad.iterate(F, x0, theta)`."
         )
-    return _solve_compiled(
-        solver, x0, theta, estimator, max_steps, rtol, atol, throw, error_estimate
-    )
-
-
-# Compiled as one XLA program, as optimistix compiles its entry points: called
-# outside `jit` (e.g. `jax.grad(loss)(theta)` with no `jit`), the solve would
-# otherwise run op by op, compiling every inner `while_loop` and `cond`
-# separately (measured: the README's QP gradient took 17 s eagerly, 5.6 s
-# compiled). Inside a user's `jit` this is inlined. Python scalars and
-# callables are static (a change recompiles), arrays are traced.
-@eqx.filter_jit
-def _solve_compiled(
-    solver: AbstractSolver,
-    x0: PyTree[Array] | None,
-    theta: PyTree[Any],
-    estimator: AbstractEstimator,
-    max_steps: int,
-    rtol: float | None,
-    atol: float | None,
-    throw: bool,
-    error_estimate: bool,
-) -> Solution:
     state0 = State(*_check_init(solver, solver.init(x0, theta)))
     new_state = State(
         *eqx.filter_eval_shape(solver.step, state0.z, state0.aux, theta)
