@@ -25,6 +25,7 @@ from ._estimators import (
 from ._implicit import Implicit as Implicit
 from ._iterate import iterate as iterate, solve as solve
 from ._neumann import Neumann as Neumann
+from ._sharding import sharded_vmap as sharded_vmap
 from ._solution import (
     RESULTS as RESULTS,
     Solution as Solution,
@@ -57,6 +58,7 @@ __all__ = [
     "problems",
     "prox",
     "result_name",
+    "sharded_vmap",
     "solve",
     "solvers",
 ]
