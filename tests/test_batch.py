@@ -135,6 +135,7 @@ def _check_qp_batch(B, n, m, p, bad, estimator):
     return worst
 
 
+@pytest.mark.slow  # QP compiles; the step-map batches stay in the default run (CI time budget)
 def test_qp_batch_with_infeasible_instances_implicit_matches_solo_runs():
     assert _check_qp_batch(8, 20, 5, 20, bad=(2, 5), estimator=ig.Implicit()) <= 1e-12
 

@@ -562,6 +562,7 @@ def test_C12_failed_solve_inside_jit_has_a_clean_message():
     assert "INTERNAL" not in message and "filter_jit" not in message
 
 
+@pytest.mark.slow  # C22 covers float32 QP defaults in the default run (CI time budget)
 def test_C13_float32_qp_with_default_tolerances_is_right_or_names_the_dtype():
     qp = _simplex_qp(1.0, dtype=jnp.float32)
     _refused_or_right(lambda: ig.solve(ig.InteriorPointQP(), None, qp).value,

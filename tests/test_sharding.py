@@ -142,6 +142,7 @@ def _run_worker() -> dict:
     return json.loads(line[len("RESULTS ") :])
 
 
+@pytest.mark.slow  # a 16-device subprocess, ~60 s (CI time budget)
 def test_sharded_batch_matches_unsharded():
     results = _run_worker()
     version = tuple(int(v) for v in results.pop("jaxlib").split(".")[:3])
