@@ -34,6 +34,7 @@ ESTIMATORS = {
     "onestep": ig.OneStep(),
     "truncated": ig.Truncated(5),
     "truncated_auto": ig.Truncated("auto", target=1e-8),
+    "auto": ig.Auto(target=1e-8),
     "implicit": ig.Implicit(),
     "implicit_fixed_point": ig.Implicit(condition="fixed_point"),
     "unroll": ig.Unroll(),
@@ -56,6 +57,28 @@ def _per_instance(estimator):
         return sol.value, grad, sol.steps, sol.result
 
     return run
+
+
+@pytest.mark.parametrize("transform", ["value", "grad"])
+def test_throw_under_vmap_says_how_many_instances_failed(transform):
+    # Rates 0.99 and 0.995 need more than 60 steps; 0.1 and 0.5 do not.
+    rates = jnp.array([0.1, 0.99, 0.5, 0.995])
+
+    def loss(rate):
+        sol = ig.iterate(lambda x, r: r * x + 1.0, jnp.zeros(2), rate, max_steps=60)
+        return jnp.sum(sol.value)
+
+    f = jax.vmap(loss) if transform == "value" else jax.vmap(jax.grad(loss))
+    with pytest.raises(Exception, match=r"2 of 4 instances of the batch failed .*"
+                                        r"max_steps_reached"):
+        jax.block_until_ready(jax.jit(f)(rates))
+    # Nested batches count every instance; a single failing instance keeps
+    # the plain message.
+    with pytest.raises(Exception, match=r"2 of 4 instances"):
+        jax.block_until_ready(jax.jit(jax.vmap(jax.vmap(loss)))(rates.reshape(2, 2)))
+    with pytest.raises(Exception, match="max_steps_reached") as single:
+        jax.block_until_ready(jax.jit(loss)(jnp.array(0.99)))
+    assert "instances of the batch" not in str(single.value)
 
 
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))

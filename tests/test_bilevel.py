@@ -91,6 +91,9 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
         optimizer=optax.adam(0.1),
         steps=150,
         progress=False,
+        # OneStep's bias on gradient descent is what this test measures: its
+        # error estimate (~1) would warn on every run.
+        error_estimate=False,
         **fixed_k,
     )
     theta, x0 = history.theta[-1], history.x
@@ -130,7 +133,8 @@ def test_gd_onestep_hypergradient_error_within_corollary5_epsilon():
     # diagnose finds the same constants matrix-free.
     # Solve and diagnose in one compilation (only rho and L_J are read).
     report = eqx.filter_jit(lambda x0, theta: ig.diagnose(
-        solver, ig.solve(solver, x0, theta, **fixed_k), theta, key=jr.key(0)))(x0, theta)
+        solver, ig.solve(solver, x0, theta, **fixed_k), theta, key=jr.key(0),
+        allow_unconverged=True))(x0, theta)  # k fixed on purpose
     np.testing.assert_allclose(float(report.rho), rho, rtol=1e-3)
     np.testing.assert_allclose(float(report.L_J), L_J, rtol=1e-6)
 
@@ -258,8 +262,11 @@ def _distance_to_one(x, theta):
 def test_corollary5_stepsize_option():
     theta0, x0 = {"b": jnp.zeros(2)}, {"u": jnp.zeros(2)}
     constants = dict(rho=0.5, L_F=1.0, L_J=0.0, l_g=2.0, l_nabla=1.0)
+    # error_estimate=False: OneStep's bias (rho = 1/2) is accepted here, the
+    # test is about the step size.
     common = dict(
-        stepsize="corollary5", steps=10, progress=False, rtol=1e-12, atol=1e-12
+        stepsize="corollary5", steps=10, progress=False, rtol=1e-12, atol=1e-12,
+        error_estimate=False,
     )
     history = ig.hypergradient_descent(
         _distance_to_one, _halving_map, theta0, x0, constants=constants, **common

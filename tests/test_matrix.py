@@ -597,8 +597,13 @@ SOLVERS = {
 # Cells that do not run normally (see the module docstring).
 
 UNSUPPORTED = {
-    ("unroll_fwd", "jacrev"): (ValueError, "Reverse-mode differentiation does not work"),
-    ("unroll_rev", "jacfwd"): (TypeError, "can't apply forward-mode autodiff"),
+    # itergrad's messages name the estimator and the mode to use instead.
+    ("unroll_fwd", "jacrev"): (RuntimeError, r"Unroll\('forward'\) supports forward-mode"),
+    # Under jit(jacfwd(..., has_aux=True)) JAX raises its own message after
+    # the solve has returned (no itergrad frame left to reword it); a plain
+    # jacfwd gets itergrad's (catalogue C15).
+    ("unroll_rev", "jacfwd"): (TypeError, r"supports reverse-mode differentiation only"
+                                          r"|can't apply forward-mode autodiff"),
 }
 REFUSED = {
     # Heavy ball's phase-space map has ‖T‖ > 1 (its spectral radius is 0.64):

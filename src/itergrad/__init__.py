@@ -6,6 +6,7 @@ private.
 """
 
 from . import nn as nn, problems as problems, prox as prox, solvers as solvers
+from ._auto import Auto as Auto
 from ._bilevel import (
     History as History,
     HypergradientDescent as HypergradientDescent,
@@ -36,6 +37,7 @@ from .solvers import *  # noqa: F403  (each solver module's public names)
 
 __all__ = [
     "AbstractEstimator",
+    "Auto",
     "DiagnoseReport",
     "History",
     "HypergradientDescent",

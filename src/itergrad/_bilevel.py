@@ -9,6 +9,7 @@ warm starts, timing, a progress bar and a `History`).
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -170,6 +171,9 @@ class HypergradientInfo(eqx.Module):
     - `steps`: the inner solver's number of steps $k$.
     - `result`: the inner solve's `RESULTS` code (only informative with
       `throw=False`: otherwise a failure raises).
+    - `derivative_error_bound`: with `error_estimate=True`, the estimated
+      relative error of the estimator's Jacobian $J$ of the inner solve
+      (`itergrad.solve(..., error_estimate=True)`); NaN otherwise.
     """
 
     loss: Scalar
@@ -178,6 +182,7 @@ class HypergradientInfo(eqx.Module):
     x: PyTree[Array]
     steps: Int[Array, ""]
     result: RESULTS
+    derivative_error_bound: Scalar
 
 
 class HypergradientDescent(eqx.Module):
@@ -211,8 +216,9 @@ class HypergradientDescent(eqx.Module):
     - `estimator`: how to differentiate the inner solve (default `OneStep()`).
     - `warm_start`: start each inner solve from the previous solution
       (default `True`; solvers that need `x0=None` are always started cold).
-    - `max_steps`, `rtol`, `atol`, `throw`: for each inner solve (see
-      `itergrad.solve`).
+    - `max_steps`, `rtol`, `atol`, `throw`, `error_estimate`: for each inner
+      solve (see `itergrad.solve`); `error_estimate=True` fills
+      `HypergradientInfo.derivative_error_bound`.
 
     !!! warning
 
@@ -230,6 +236,7 @@ class HypergradientDescent(eqx.Module):
     rtol: float = eqx.field(default=1e-10, static=True)
     atol: float = eqx.field(default=1e-10, static=True)
     throw: bool = eqx.field(default=True, static=True)
+    error_estimate: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         if not callable(self.outer_loss):
@@ -276,6 +283,7 @@ class HypergradientDescent(eqx.Module):
                 rtol=self.rtol,
                 atol=self.atol,
                 throw=self.throw,
+                error_estimate=self.error_estimate,
             )
             return self.outer_loss(sol.value, th), sol
 
@@ -293,6 +301,9 @@ class HypergradientDescent(eqx.Module):
             x=x,
             steps=sol.steps,
             result=sol.result,
+            derivative_error_bound=sol.stats.get(
+                "derivative_error_bound", jnp.full((), jnp.nan, loss.dtype)
+            ),
         )
         return theta_next, HypergradientState(opt_state, start), info
 
@@ -345,8 +356,10 @@ class History(eqx.Module):
     - `x`: the last inner solution $x_k(\\theta_{L-1})$.
     - `stats`: `"traces"` (how many times the outer step was traced: 1 unless
       shapes changed), `"time"` (wall-clock seconds, all steps),
-      `"first_step_time"` (the first step alone, compilation included) and
-      `"stepsize"` (the step size used, when one was given or derived).
+      `"first_step_time"` (the first step alone, compilation included),
+      `"stepsize"` (the step size used, when one was given or derived) and,
+      with `error_estimate=True`, `"derivative_error_bound"` (one estimate
+      per outer step of the inner Jacobian's relative error).
     """
 
     theta: PyTree[Array]
@@ -362,7 +375,9 @@ def _estimate_corollary5(
 ) -> dict[str, float]:
     """Local estimates of (rho, L_F, L_J, l_g, l_nabla) at the first solve."""
     key_diagnose, key_hessian = jr.split(key)
-    sol = solve(solver, x0, theta, **settings, throw=False)
+    # throw=True: the constants of a failed inner solve would be meaningless,
+    # and the error names the inner solve (not `diagnose`'s `sol`).
+    sol = solve(solver, x0, theta, **settings, throw=True)
     report = diagnose(solver, sol, theta, key=key_diagnose)
     x = jax.lax.stop_gradient(sol.value)
     grad_g = jax.grad(lambda z: outer_loss(z, theta))
@@ -395,6 +410,8 @@ def hypergradient_descent(
     rtol: float = 1e-10,
     atol: float = 1e-10,
     throw: bool = True,
+    error_estimate: bool = True,
+    error_tolerance: float = 0.1,
     progress: bool = True,
 ) -> History:
     """Minimise $\\theta \\mapsto g(x_k(\\theta), \\theta)$ by `steps` outer steps
@@ -431,6 +448,15 @@ def hypergradient_descent(
     - `warm_start`: start each inner solve from the previous solution.
     - `max_steps`, `rtol`, `atol`, `throw`: for each inner solve (see
       `itergrad.solve`).
+    - `error_estimate`: estimate, at every outer step, the relative error of
+      the inner Jacobian the estimator returned
+      (`History.stats["derivative_error_bound"]`, one value per step; about
+      a hundred extra Jacobian-vector products of the step map per outer
+      step). Default `True`.
+    - `error_tolerance`: warn (`UserWarning`) when that estimate exceeds
+      this relative error at any outer step (default `0.1`): the
+      hypergradients may then be wrong by as much, which no loss curve
+      shows. The message says what to use instead.
     - `progress`: show a rich progress bar with the current loss.
 
     **Returns:** a `History`.
@@ -495,7 +521,9 @@ def hypergradient_descent(
         rtol=rtol,
         atol=atol,
         throw=throw,
+        error_estimate=error_estimate,
     )
+    error_tolerance = positive_float(error_tolerance, "error_tolerance")
 
     traces = 0
 
@@ -520,18 +548,35 @@ def hypergradient_descent(
             advance(info.loss)
     jax.block_until_ready(theta)
     elapsed = time.perf_counter() - start
+    stats: dict[str, Any] = {
+        "traces": traces,
+        "time": elapsed,
+        "first_step_time": first_step_time,
+        "stepsize": used_stepsize,
+    }
+    if error_estimate:
+        bounds = jnp.stack([info.derivative_error_bound for info in infos])
+        stats["derivative_error_bound"] = bounds
+        worst = float(jnp.max(bounds))
+        if not worst <= error_tolerance:  # also NaN / inf
+            warnings.warn(
+                "hypergradient_descent: the estimated relative error of the "
+                f"inner derivative reached {worst:.3g} (> error_tolerance="
+                f"{error_tolerance:g}; History.stats['derivative_error_bound']): "
+                f"{type(estimator).__name__} is biased on this inner solver "
+                "(a slow contraction, Corollary 1), so the hypergradients may be "
+                "wrong by as much. Use `estimator=ig.Implicit()`, "
+                "`ig.Auto(target=...)` or `ig.Truncated('auto')`.",
+                UserWarning,
+                stacklevel=2,
+            )
     return History(
         theta=jtu.tree_map(lambda *xs: jnp.stack(xs), *thetas),
         losses=jnp.stack([info.loss for info in infos]),
         steps=jnp.stack([info.steps for info in infos]),
         hypergradient_norms=jnp.stack([info.hypergradient_norm for info in infos]),
         x=infos[-1].x,
-        stats={
-            "traces": traces,
-            "time": elapsed,
-            "first_step_time": first_step_time,
-            "stepsize": used_stepsize,
-        },
+        stats=stats,
     )
 
 

@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree, Real
 
 from ._estimators import AbstractEstimator, OneStep, Truncated
 from ._implicit import Implicit
-from ._solution import Solution
+from ._solution import RESULTS, Solution, result_name
 from ._spectral import (
     DEFAULT_MAX_K,
     DEFAULT_POWER_ITERATIONS,
@@ -206,6 +207,35 @@ class DiagnoseReport(eqx.Module):
         return buffer.getvalue()
 
 
+def _failed_solve_message(name: str) -> str:
+    return (
+        f"`sol` is a failed solve (sol.result is {name}): diagnose estimates the "
+        "bounds at a solution, and the last iterate of a solve that did not "
+        "converge or became non-finite is none. Make the solve succeed first "
+        "(see the message of `sol.result`, e.g. more `max_steps` or finite "
+        "inputs), then diagnose it; for a deliberate fixed budget of steps "
+        "(max_steps_reached), pass `allow_unconverged=True`."
+    )
+
+
+def _check_successful(sol: Solution, allow_unconverged: bool) -> PyTree[Any]:
+    """`sol.state`, after refusing a failed solve: at once when `sol.result`
+    is concrete, else (under `jit`/`vmap`) by a runtime check threaded onto
+    the state every estimate is computed from. With `allow_unconverged`, a
+    solve stopped by `max_steps` passes."""
+    result = sol.result
+    failed = result != RESULTS.successful
+    if allow_unconverged:
+        failed = failed & (result != RESULTS.max_steps_reached)
+    if not result.is_traced():
+        if np.any(np.asarray(failed)):
+            raise ValueError(_failed_solve_message(f"RESULTS.{result_name(result)}"))
+        return sol.state
+    if not jax.tree_util.tree_leaves(eqx.filter(sol.state, eqx.is_array)):
+        return sol.state
+    return eqx.error_if(sol.state, failed, _failed_solve_message("not successful"))
+
+
 def _implicit_jvps(
     f: FlatStep, probes: Array, linear_solver: lx.AbstractLinearSolver | None
 ) -> tuple[Array, Array]:
@@ -241,6 +271,7 @@ def diagnose(
     L_J: float | Real[Array, ""] | None = None,
     max_K: int = DEFAULT_MAX_K,
     linear_solver: lx.AbstractLinearSolver | None = None,
+    allow_unconverged: bool = False,
 ) -> DiagnoseReport:
     """Estimate the quantities of the paper's bounds at the last iterate of
     `sol` and recommend an estimator.
@@ -303,8 +334,18 @@ def diagnose(
     - `max_K`: the largest `K` considered for `Truncated(K)` (default 100, as
       `Truncated("auto")`).
     - `linear_solver`: the Lineax solver for the implicit JVPs (default GMRES).
+    - `allow_unconverged`: diagnose a solve that stopped at `max_steps`
+      (a fixed budget of $k$ steps, as in Corollary 5) instead of refusing
+      it; the bounds are then those of its last iterate. Non-finite solves
+      are refused whatever this says. Default `False`.
 
     **Returns:** a `DiagnoseReport`.
+
+    **Raises:** `ValueError` when `sol.result` is not `RESULTS.successful`
+    (under `jit`: an `equinox` runtime error with the same message): the bounds
+    are estimates at a solution, and the last iterate of a failed solve
+    (non-finite, or not converged) is none; its numbers would recommend an
+    estimator for a problem that was never solved.
 
     !!! warning
 
@@ -325,6 +366,7 @@ def diagnose(
         raise TypeError(
             f"`sol` must be the itergrad.Solution of a solve, got {type(sol).__name__}."
         )
+    state = _check_successful(sol, allow_unconverged)
     for name, value in (
         ("probes", probes),
         ("power_iterations", power_iterations),
@@ -343,7 +385,7 @@ def diagnose(
             f"got {type(F_or_solver).__name__}."
         )
     f = flat_step(
-        solver, jax.lax.stop_gradient(sol.state), jax.lax.stop_gradient(theta)
+        solver, jax.lax.stop_gradient(state), jax.lax.stop_gradient(theta)
     )
     if f.theta.size == 0:
         raise ValueError(

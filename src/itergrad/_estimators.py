@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Literal
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree, Real
@@ -176,7 +177,14 @@ class Unroll(AbstractEstimator):
     def run(self, solver, state0, theta, settings):
         if self.mode == "forward":
             out = run_loop(solver, state0, theta, settings, kind="lax")
-        else:
+            # JAX only fails when it transposes the while_loop, with a message
+            # that names neither the estimator nor the fix; a cotangent
+            # reaching the loop's output raises this one first (transposition
+            # runs from the outputs back).
+            dynamic, static = eqx.partition(out.state, eqx.is_inexact_array)
+            dynamic = eqxi.nondifferentiable_backward(dynamic, msg=_FORWARD_UNDER_REVERSE)
+            return eqx.combine(dynamic, static), out
+        try:
             out = run_loop(
                 solver,
                 state0,
@@ -185,7 +193,27 @@ class Unroll(AbstractEstimator):
                 kind="checkpointed",
                 checkpoints=self.checkpoints,
             )
+        except TypeError as e:
+            # Raised while tracing the checkpointed loop (a custom_vjp) under
+            # jvp: say which estimator and what to use instead.
+            if "forward-mode autodiff" not in str(e):
+                raise
+            raise TypeError(_REVERSE_UNDER_FORWARD) from e
         return out.state, out
+
+
+_FORWARD_UNDER_REVERSE = (
+    "Unroll('forward') supports forward-mode differentiation only (jax.jvp, "
+    "jax.jacfwd): its loop is a lax.while_loop, which JAX cannot differentiate in "
+    "reverse mode. For jax.grad, jax.jacrev or jax.vjp use Unroll() "
+    "(mode='reverse'), or another estimator (OneStep(), Truncated(K), Implicit())."
+)
+_REVERSE_UNDER_FORWARD = (
+    "Unroll() (mode='reverse') supports reverse-mode differentiation only (jax.grad, "
+    "jax.jacrev, jax.vjp): its checkpointed loop is a custom_vjp, which JAX cannot "
+    "differentiate in forward mode. For jax.jvp or jax.jacfwd use Unroll('forward'), "
+    "or another estimator (OneStep(), Truncated(K), Implicit())."
+)
 
 
 class Truncated(AbstractEstimator):

@@ -9,6 +9,7 @@ from ._estimators import AbstractEstimator
 from ._implicit_rule import implicit_unknowns
 from ._loop import run_loop_without_gradient
 from ._neumann import Neumann
+from ._solution import RESULTS
 from .solvers._base import AbstractSolver, State
 
 
@@ -43,8 +44,14 @@ class Implicit(AbstractEstimator):
       differentiation (IAD). Matrix-free solvers (`lx.GMRES`, `lx.CG` with the
       right tags) avoid materialising the Jacobian.
     - `condition`: `"optimality"` (default) or `"fixed_point"`.
-    - `throw`: raise when the linear solve fails (default `True`); with
-      `False` the failed solve's output is returned as it is (often NaN).
+    - `throw`: raise when the linear solve fails (default `True`), with
+      itergrad's `linear_solve_failed` message; with `False` a derivative
+      through a failed solve is NaN instead, in every transform (`grad`,
+      `jacfwd`, `vmap(grad)`: the other batch elements are unaffected).
+      `Solution.result` cannot show it: the derivative is computed after the
+      solve has returned. A Krylov solver is then probed too (see below; one
+      extra solve), and a tangent solve of it that reaches its `max_steps`
+      returns its last iterate, unflagged.
     - `tags`: Lineax tags of $J_z G$ (e.g.
       `frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})`), which
       decide what `lx.AutoLinearSolver` picks and are required by `lx.CG`.
@@ -63,7 +70,17 @@ class Implicit(AbstractEstimator):
         The estimate is that of the fixed point: away from convergence its error
         is $O(\\|x_k - \\bar x\\|)$ (eq. 6). Non-invertible $J_z G$ (a degenerate
         solution) makes the solve fail: an error is raised, never a zero
-        gradient.
+        gradient. With a direct `linear_solver` (the default) the system is
+        probed once per derivative: one solve with a fixed generic
+        right-hand side, reusing the factorisation, and two products; it
+        refuses a non-finite answer, a large backward error or an estimated
+        condition number above $0.1/\\epsilon$ (a system singular up to
+        rounding solves a consistent right-hand side with a small residual,
+        so only the generic one shows it). Krylov solvers (with `throw=True`)
+        check each of their solves instead (their result code and a finite answer): they do not
+        detect ill-conditioning. Least-squares solvers (`lx.SVD()`,
+        `lx.AutoLinearSolver(well_posed=False)`) are not checked: their
+        minimum-norm answer is what they were chosen for.
     """
 
     linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
@@ -99,6 +116,7 @@ class Implicit(AbstractEstimator):
         live = implicit_unknowns(
             solver, out.state, theta, self.condition, self.linear_solver,
             self._tags(solver), self.throw,
+            active=out.result == RESULTS.successful,
         )
         return State(live, out.state.aux), out
 

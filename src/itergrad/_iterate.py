@@ -1,5 +1,6 @@
 """Entry points: `iterate` for a plain step map, `solve` for a solver."""
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -7,31 +8,116 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
+from ._auto import Auto
+from ._batch_errors import error_if_failed
 from ._error_bound import derivative_error_bound
 from ._estimators import AbstractEstimator, OneStep
 from ._guard import guard
+from ._implicit import Implicit
 from ._loop import LoopOutput, LoopSettings
 from ._solution import RESULTS, Solution
-from ._validate import nonnegative_float, positive_int
+from ._validate import nonnegative_float, step_bound
 from .solvers._base import AbstractSolver, FixedPointIteration, State
 
 
-def _check_settings(estimator, max_steps, rtol, atol):
+def _check_settings(estimator, max_steps, rtol, atol) -> int:
+    """Check the settings; return `max_steps` as a Python `int` (a NumPy
+    integer would otherwise reach `LoopSettings`' static field as is)."""
     if not isinstance(estimator, AbstractEstimator):
         raise TypeError(
             "`estimator` must be an itergrad estimator (ig.OneStep(), "
             "ig.Truncated(K), ig.Implicit(), ig.Unroll()), got "
             f"{type(estimator).__name__}."
         )
-    positive_int(max_steps, "max_steps")
+    max_steps = step_bound(max_steps, "max_steps")
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if tol is None:
             continue
         if not isinstance(tol, int | float):
             raise ValueError(f"`{name}` must be a non-negative number, got {tol!r}.")
         nonnegative_float(tol, name)
+    return max_steps
+
+
+def _check_x0(x0: Any) -> None:
+    """Refuse initial iterates that can only fail later, inside the user's `F`
+    or a reduction over no elements, with an error naming no argument. Checked
+    on shapes and pytree structure only: nothing runs."""
+    leaves = jtu.tree_leaves(x0)
+    if type(x0) in (list, tuple) and leaves and all(
+        isinstance(leaf, numbers.Number) for leaf in leaves
+    ):
+        # A list is a pytree: each number would be a separate scalar unknown,
+        # and F would receive a list, not an array.
+        raise TypeError(
+            f"`x0` is a {type(x0).__name__} of Python numbers, which would be a pytree "
+            f"of {len(leaves)} separate scalar unknowns (F would receive a "
+            f"{type(x0).__name__}): pass an array, e.g. `jnp.asarray(x0)`, or a "
+            f"{type(x0).__name__} of arrays for a pytree of unknowns."
+        )
+    if not leaves:
+        raise ValueError(
+            f"`x0` is an empty pytree ({x0!r}): there are no unknowns to iterate on; "
+            "pass the initial iterate, e.g. `jnp.zeros(n)`."
+        )
+    if all(np.size(leaf) == 0 for leaf in leaves):
+        raise ValueError(
+            "`x0` has no entries (every leaf has size 0, shapes "
+            f"{[jnp.shape(leaf) for leaf in leaves]}): there are no unknowns to "
+            "iterate on; pass at least one non-empty array."
+        )
+
+
+def _trace_step(solver: AbstractSolver, state0: State, theta: Any, what: str) -> State:
+    """The shapes of one step from `state0`, traced only. A step that cannot
+    even be traced (usually broadcasting `x0` against `theta`) is reported
+    with the shapes of both arguments, the original error chained."""
+    try:
+        return State(*eqx.filter_eval_shape(solver.step, state0.z, state0.aux, theta))
+    except (TypeError, ValueError) as e:
+        # Only plain TypeError/ValueError (JAX's shape errors): subclasses such
+        # as JAX's tracer errors have other constructors and other causes.
+        if type(e) not in (TypeError, ValueError):
+            raise
+        raise type(e)(
+            f"{what} failed on the unknowns from `x0` ({_shapes(state0.z)}) and "
+            f"`theta` ({_shapes(theta)}): check that `x0` and `theta` have the "
+            f"shapes and structure it expects. The error was: {e}"
+        ) from e
+
+
+def _shapes(tree: Any) -> str:
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_array_like))
+    text = ", ".join(
+        f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}" for leaf in leaves[:6]
+    )
+    return text + (", ..." if len(leaves) > 6 else "") if leaves else "no arrays"
+
+
+def _check_optimality(solver: AbstractSolver, state0: State, theta: Any) -> None:
+    """`Implicit(condition="optimality")` solves a square linear system in the
+    unknowns z: an `optimality` residual of another structure or shape would be
+    handed to Lineax, which either fails with a message about its own
+    operators or solves it as least squares, silently wrong. Checked at trace
+    time (shapes only, nothing runs). Dtypes are not compared: a residual
+    promoted by a float64 `theta` is still square."""
+    name = type(solver).__name__
+    z = jax.eval_shape(lambda: state0.z)
+    residual = eqx.filter_eval_shape(solver.optimality, state0.z, state0.aux, theta)
+    if jtu.tree_structure(z) != jtu.tree_structure(residual) or any(
+        a.shape != getattr(b, "shape", None)
+        for a, b in zip(jtu.tree_leaves(z), jtu.tree_leaves(residual), strict=True)
+    ):
+        raise ValueError(
+            f"{name}.optimality must return a residual with the structure and shapes "
+            "of the unknowns z: Implicit(condition='optimality') solves the square "
+            "system J_z G dz = -J_theta G dtheta in z. Fix `optimality`, or use "
+            "`Implicit(condition='fixed_point')`.\n"
+            f"  unknowns z:  {z}\n  optimality:  {residual}"
+        )
 
 
 def default_tolerance(z: PyTree[Array]) -> float:
@@ -101,17 +187,23 @@ def solve(
 
     **Returns:** a `Solution`.
     """
-    _check_settings(estimator, max_steps, rtol, atol)
+    max_steps = _check_settings(estimator, max_steps, rtol, atol)
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"`solver` must be an itergrad solver, got {type(solver).__name__}; "
             "for a plain step map use `itergrad.iterate(F, x0, theta)`."
         )
+    if x0 is not None:
+        _check_x0(x0)
     state0 = State(*_check_init(solver, solver.init(x0, theta)))
-    new_state = State(
-        *eqx.filter_eval_shape(solver.step, state0.z, state0.aux, theta)
+    step_name = (
+        "`F(x, theta)`" if isinstance(solver, FixedPointIteration)
+        else f"{type(solver).__name__}.step"
     )
+    new_state = _trace_step(solver, state0, theta, step_name)
     _check_structure(state0, new_state, f"{type(solver).__name__}.step")
+    if isinstance(estimator, Implicit | Auto) and estimator.condition == "optimality":
+        _check_optimality(solver, state0, theta)
     default = default_tolerance(state0.z)
     settings = LoopSettings(
         max_steps=max_steps,
@@ -120,13 +212,20 @@ def solve(
     )
     state, out = estimator.run(solver, state0, theta, settings)
     result = out.result
-    if throw:
+    if throw and not result.is_traced():
+        # An eager call (no jit, vmap or grad around it): raise here, from this
+        # call's own frame. Equinox's `error_if` would go through its cached
+        # `filter_jit`, whose "stack inside of JIT" is the one recorded when it
+        # was first traced, i.e. possibly a different, earlier `ig.solve` call.
+        if np.any(np.asarray(result != RESULTS.successful)):
+            raise eqx.EquinoxRuntimeError(RESULTS[result])
+    elif throw:
         # On the unknowns' derivative path too: under jit(grad(...)) the
         # primal output may never be used (see `itergrad._guard`).
         failed = result != RESULTS.successful
         aux = state.aux
         if jtu.tree_leaves(eqx.filter(aux, eqx.is_array)):
-            aux = result.error_if(aux, failed)
+            aux = error_if_failed(aux, result, failed)
         state = State(guard(state.z, result, failed), aux)
     solution = Solution(
         value=solver.value(state.z),
@@ -168,6 +267,8 @@ def _stats(max_steps: int, out: LoopOutput) -> dict[str, Any]:
         stats["differentiated_steps"] = out.differentiated_steps
     if out.contraction is not None:
         stats["contraction"] = out.contraction
+    if out.estimator is not None:
+        stats["estimator"] = out.estimator
     return stats
 
 
@@ -201,6 +302,10 @@ def iterate(
     """
     if not callable(F):
         raise TypeError(f"`F` must be callable as F(x, theta), got {type(F).__name__}.")
+    # Before converting: a list of numbers is refused, not made into a list of
+    # 0-d arrays (see `_check_x0`).
+    if x0 is not None:
+        _check_x0(x0)
     x0 = jtu.tree_map(jnp.asarray, x0)
     if not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jtu.tree_leaves(x0)):
         raise TypeError(

@@ -42,6 +42,9 @@ class LoopOutput(eqx.Module):
     # Set by OneStep/Truncated: ||z_{k-1-i} - z_k|| for the replayed states
     # i < K (0 beyond), for the error estimate.
     replay_gaps: Real[Array, " K"] | None = None
+    # Set by `Auto`: which estimator it used (`_auto.ONE_STEP`, `TRUNCATED`,
+    # `IMPLICIT`).
+    estimator: Int[Array, ""] | None = None
 
 
 class LoopSettings(eqx.Module):

@@ -51,6 +51,15 @@ class RESULTS(eqx.Enumeration):
         "`Ax = b`, `Gx <= h` admit a solution and that `Q` is positive definite "
         "on the feasible set."
     )
+    nonconvex = (
+        "nonconvex: The problem is not convex where the solver needs it to be: the Hessian "
+        "of the objective (`Newton`) or `Q` on the feasible set (`InteriorPointQP`) "
+        "has negative curvature (it is indefinite, not positive semidefinite), so a "
+        "stationary point found there may be a saddle, not a minimum. These solvers "
+        "minimise convex objectives only: check the sign and the symmetric part of "
+        "`Q` / the objective's Hessian, add a convex regulariser, or use a method for "
+        "non-convex problems."
+    )
     not_contracting = (
         "not_contracting: The step map is not a contraction at the solution: its estimated "
         "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`). One-step, "
@@ -62,7 +71,8 @@ class RESULTS(eqx.Enumeration):
         "truncation_target_unreachable: `Truncated('auto', target)` cannot meet its target: the estimated "
         "contraction factor (`sol.stats['contraction']`) needs more differentiated "
         "steps (`sol.stats['differentiated_steps']`) than `max_K + max_tail`. Use "
-        "`Implicit()`, raise `max_tail`, or loosen `target`."
+        "`Implicit()` or `Auto(target)` (which switches to it), raise `max_tail`, "
+        "or loosen `target`."
     )
 
 

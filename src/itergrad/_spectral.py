@@ -110,6 +110,50 @@ def linear_operator_norm_upper(
     return jnp.sqrt(jnp.maximum(eigenvalue + residual, 0.0))
 
 
+POWER_BLOCK = 16
+"""The largest power $j$ of $J_x F$ whose norm is estimated directly
+(`power_norm_upper`): longer products are bounded by
+$\\|A^j\\|^{\\lfloor K/j \\rfloor} \\|A\\|^{K \\bmod j}$."""
+
+
+DIRECT_POWER_MAX = 2 * POWER_BLOCK
+"""The largest power $p$ whose norm $\\|A^p\\|$ is estimated directly when a
+bound needs $\\|A^p\\|$ itself (e.g. `Neumann(20)`, `Truncated(25)`)."""
+
+
+def power_norm_upper(
+    matvec: Callable[[Array], Array],
+    v0: Float[Array, " d"],
+    power: Int[Array, ""] | int,
+    iterations: int,
+) -> Real[Array, ""]:
+    """$\\|J^p\\|_{op}$, $p$ = `power` (may be traced, $p \\ge 1$), by power
+    iteration on $(J^p)^T J^p$ (p JVPs and p VJPs per step), corrected upwards
+    by the final eigenpair's residual as in `linear_operator_norm_upper`.
+
+    For a non-normal $J$ (most step maps) $\\|J^p\\|$ can be far below
+    $\\|J\\|^p$: it decays like the spectral radius, which is what the
+    iteration and the truncated sums actually see."""
+    transpose = jax.linear_transpose(matvec, v0)
+
+    def forward(v):
+        return jax.lax.fori_loop(0, power, lambda _, w: matvec(w), v)
+
+    def backward(v):
+        return jax.lax.fori_loop(0, power, lambda _, w: transpose(w)[0], v)
+
+    def body(_, v):
+        w, _ = _safe_normalize(backward(forward(v)))
+        return w
+
+    v, _ = _safe_normalize(v0)
+    v = jax.lax.fori_loop(0, iterations, body, v)
+    w = backward(forward(v))
+    eigenvalue = jnp.vdot(v, w)
+    residual = jnp.linalg.norm(w - eigenvalue * v)
+    return jnp.sqrt(jnp.maximum(eigenvalue + residual, 0.0))
+
+
 class LocalConstants(eqx.Module):
     """The constants of the paper's bounds at a point $x$ of the step map $F$
     (see `local_constants`)."""
@@ -128,6 +172,10 @@ class LocalConstants(eqx.Module):
     $\\|\\partial_x (J_x F)(x)[u]\\|_{op}$; `None` unless asked for."""
     step: Real[Array, ""]
     """$\\|F(x, \\theta) - x\\|$, the length of one more step."""
+    power_norms: tuple[Real[Array, ""], Real[Array, ""]] | None = None
+    """$(\\|A^{j}\\|, \\|A^{B}\\|)$ with $A = J_x F$, $j = \\min(p, 2B)$ for the
+    `power` asked for and $B$ = `POWER_BLOCK` (upper-corrected); `None`
+    unless asked for."""
 
 
 def local_constants(
@@ -137,6 +185,8 @@ def local_constants(
     theta_start: Float[Array, " m"] | None = None,
     L_B: Real[Array, ""] | None = None,
     with_L_A: bool = False,
+    power: Int[Array, ""] | int | None = None,
+    power_iterations: int = 10,
 ) -> LocalConstants:
     """Estimate, at the point `f.x`, the constants the paper's bounds are made
     of (one definition for `diagnose` and for `derivative_error_bound`).
@@ -151,6 +201,8 @@ def local_constants(
     derivatives ($L_B$, $L_A$) are exact second-order JVPs along $u$ (a limit of
     finite differences of the Jacobians along the last step); `theta_start`
     (default a generic vector) starts the power iterations over $\\theta$.
+    With `power` $= p$, also $\\|A^{\\min(p, 2B)}\\|$ and $\\|A^B\\|$,
+    $B$ = `POWER_BLOCK` (`power_iterations` steps each).
     """
     x, theta = f.x, f.theta
     generic_x = generic_vector(x.size, x.dtype)
@@ -184,7 +236,17 @@ def local_constants(
             return jax.jvp(x_jvp, (x,), (u,))[1]
 
         L_A = linear_operator_norm(x_jacobian_change, start_x, iterations)
-    return LocalConstants(rho=rho, L_F=L_F, L_B=jnp.asarray(L_B, x.dtype), L_A=L_A, step=step)
+    power_norms = None
+    if power is not None:
+        block = jnp.clip(jnp.asarray(power), 1, DIRECT_POWER_MAX)
+        power_norms = (
+            power_norm_upper(jvp_x, start_x, block, power_iterations),
+            power_norm_upper(jvp_x, start_x, POWER_BLOCK, power_iterations),
+        )
+    return LocalConstants(
+        rho=rho, L_F=L_F, L_B=jnp.asarray(L_B, x.dtype), L_A=L_A, step=step,
+        power_norms=power_norms,
+    )
 
 
 def needed_truncation(rho: Real[Array, ""], target: float, cap: int) -> Int[Array, ""]:

@@ -41,6 +41,30 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def step_bound(value: Any, name: str) -> int:
+    """Check that `value` is a positive integer that fits JAX's default
+    integer dtype (int64 with x64 enabled, int32 otherwise); return it as an
+    `int`.
+
+    For bounds on a loop counter (`max_steps`): the counter is an array of that
+    dtype and is compared with the bound inside the loop, so a larger bound
+    would only fail later, inside JAX, with an `OverflowError` naming no
+    argument."""
+    value = positive_int(value, name)
+    dtype = jax.dtypes.canonicalize_dtype(np.int64)
+    largest = int(np.iinfo(dtype).max)
+    if value > largest:
+        hint = (
+            "" if dtype == np.int64
+            else " or enable 64-bit integers (jax.config.update('jax_enable_x64', True))"
+        )
+        raise ValueError(
+            f"`{name}` must be at most {largest} (the largest {dtype.name}, the dtype "
+            f"of JAX's step counter), got {value!r}: lower it{hint}."
+        )
+    return value
+
+
 def nonnegative_int(value: Any, name: str) -> int:
     """Check that `value` is an integer $\\ge 0$ (not a `bool`); return it as an
     `int`."""

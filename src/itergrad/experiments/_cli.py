@@ -17,8 +17,10 @@ interrupted run resumes where it stopped.
 import argparse
 import datetime
 import importlib
+import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -94,6 +96,56 @@ def _settings(profile: str, seed: int, data: Path | None) -> dict:
             "data": None if data is None else str(Path(data).resolve())}
 
 
+def _check_out(out: Path) -> None:
+    """Create `--out` and check that files can be written in it, before any
+    experiment runs: otherwise a file at that path or a read-only folder
+    surfaces as a raw OSError only when the first result is written, after
+    its computation."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(
+            f"itergrad reproduce: --out {out}: is a file, not a folder; give a "
+            "folder path (it is created if missing)."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # A probe written and removed at once: permissions alone do not tell
+        # (root ignores them; read-only file systems do not).
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".itergrad-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(
+            f"itergrad reproduce: --out {out}: cannot write there ({e.strerror or e}); "
+            "give a writable folder."
+        ) from None
+
+
+def _check_data(data: Path) -> None:
+    """Read `--data` once before any experiment runs, and refuse a file that
+    the ridge experiment cannot use (no rows, no features, a single row or
+    constant labels, which leave nothing to standardise), naming `--data`."""
+    from ..problems import load_svmlight
+
+    if not Path(data).is_file():
+        raise SystemExit(f"itergrad reproduce: --data {data}: no such file.")
+    try:
+        X, y = load_svmlight(data)
+    except ValueError as e:
+        raise SystemExit(f"itergrad reproduce: --data {data}: {e}") from None
+    problem = None
+    if X.shape[0] < 2:
+        problem = f"{X.shape[0]} sample(s); the ridge experiment needs at least 2"
+    elif X.shape[1] == 0:
+        problem = "labels only, no feature values"
+    elif not y.std() > 0:
+        problem = "every label is the same, so the targets cannot be standardised"
+    if problem is not None:
+        raise SystemExit(
+            f"itergrad reproduce: --data {data}: {problem}. Give a LibSVM file "
+            "'label index:value ...' with at least two samples (e.g. cpusmall)."
+        )
+
+
 def reproduce(args) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -105,12 +157,13 @@ def reproduce(args) -> int:
     )
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    # Every argument is checked before anything is computed or written.
+    names = _selected(args.only)
+    if args.data is not None:
+        _check_data(args.data)
+    _check_out(out)
     profile = "tiny" if args.tiny else ("quick" if args.quick else "full")
     settings = _settings(profile, args.seed, args.data)
-    if args.data is not None and not Path(args.data).is_file():
-        raise SystemExit(f"itergrad reproduce: --data {args.data}: no such file.")
-    names = _selected(args.only)
     console = Console(stderr=True)
     failures = []
     start_all = time.perf_counter()

@@ -385,8 +385,12 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     problem, the QP benchmarks' measure: the max of the primal residual
     (constraint violation of $x$ and the slack equations), the dual residual
     $\\|Px + q + K^\\top\\lambda + \\lambda_b\\|_\\infty$, the duality gap
-    $|x^\\top P x + q^\\top x + \\sum U\\lambda^+ + L\\lambda^-|$ and the largest
-    complementarity product; of both $w_{k-1}$ and $w_k$, so that the
+    $|x^\\top P x + q^\\top x + \\sum U\\lambda^+ + L\\lambda^-|$, the largest
+    complementarity product and the largest weak-activity measure
+    $\\min(s_i, z_i)^2 / \\max(s_i, z_i)$ (about $\\min(s_i, z_i)$ at a
+    weakly active constraint, where $s_i$ and $z_i$ vanish together and the
+    product alone would stop with an error of $\\sqrt{\\mathrm{tol}}$ in
+    $x$; negligible at a strictly complementary pair); of both $w_{k-1}$ and $w_k$, so that the
     differentiated last step starts at the solution and `ig.OneStep()` matches
     `ig.Implicit()` (Corollary 3). `itergrad.solve` stops when it is at most
     `atol + rtol * ||x||`.
@@ -408,9 +412,15 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
       every step: primal infeasibility when the multipliers
       $\\lambda$ satisfy $K^\\top\\lambda + \\lambda_b \\approx 0$ with
       $\\sum U\\lambda^+ + L\\lambda^- < 0$, unboundedness when $Px \\approx 0$,
-      $x$ is in the recession cone of the constraints and $q^\\top x < 0$;
+      $x$ is in the recession cone of the constraints and $q^\\top x < 0$
+      (the primal test also on the last change of $\\lambda$, as OSQP);
       the solve then stops with `RESULTS.infeasible` (default `1e-9` in
       float64, $100\\epsilon$ in lower precision).
+
+    **Convexity.** `init` checks, with one Cholesky factorisation of the
+    scaled $P + \\rho A_{eq}^\\top A_{eq}$, that $P$ is positive semidefinite
+    on the null space of the equalities; a non-convex QP (whose stationary
+    points may be saddles) is refused with `RESULTS.nonconvex`.
 
     !!! warning
 
@@ -567,7 +577,10 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                 )
         cf = _canonical(qp)
         d, e, c = _ruiz(cf.P, cf.K, cf.q)
-        aux = _Aux(RESULTS.successful, d, e, c)
+        aux = _Aux(
+            RESULTS.where(_convex(cf, d, e, c), RESULTS.successful, RESULTS.nonconvex),
+            d, e, c,
+        )
         k, nb = qp.rows, qp.lb.shape[0]
 
         def placeholder(size):
@@ -703,34 +716,71 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # Differentiating it adds Δ ∂α/∂θ with ∂α_max ∝ 1/s_i for a pair
         # whose s_i → 0: measured 10x worse one-step derivatives (QP
         # n=300: 1.8e-7 instead of 1.7e-8; n=1000: 9e-7 instead of 8e-8).
-        alpha = jax.lax.stop_gradient(jnp.minimum(1.0, eta * alpha_max(dr, db)))
+        # A problem refused by `init` (non-convex) keeps its code and its
+        # starting point: a zero step. (Gating on the step length, a constant
+        # of the linearisation, rather than selecting between `new` and `w`:
+        # that select made jaxlib 0.10 lower the linearised step's Cholesky
+        # as an untyped custom call, "No registered implementation for
+        # untyped custom call to lapack_dpotrf_ffi", in the error estimate's
+        # power iterations.)
+        ok = aux.result == RESULTS.successful
+        alpha = jax.lax.stop_gradient(
+            jnp.where(ok, jnp.minimum(1.0, eta * alpha_max(dr, db)), 0.0)
+        )
         new_rows = add(rs, dr, alpha)
         new_b = add(bs, db, alpha) if nb else bs
         new = _from_row_sides(w, w.x + alpha * dx, new_rows, new_b)
-        return new, _Aux(self._certificate(new, qp, aux), aux.d, aux.e, aux.c)
+        result = RESULTS.where(ok, self._certificate(new, qp, aux, w), aux.result)
+        return new, _Aux(result, aux.d, aux.e, aux.c)
 
-    def _certificate(self, w: _PrimalDual, qp: QP, aux: _Aux) -> RESULTS:
+    def _certificate(
+        self, w: _PrimalDual, qp: QP, aux: _Aux, previous: _PrimalDual
+    ) -> RESULTS:
         """`RESULTS.infeasible` when the iterate carries a Farkas certificate of
-        primal infeasibility or of unboundedness (tests in Ruiz-scaled units)."""
+        primal infeasibility or of unboundedness (tests in Ruiz-scaled units).
+        The primal certificate is sought in the multipliers $\\lambda$ and in
+        their last change $\\lambda_k - \\lambda_{k-1}$ (OSQP's test): on an
+        infeasible problem the iterates jam against the boundary once the
+        multipliers are large, and $\\lambda$ itself then stays a few digits
+        short of a certificate, while its change along the Farkas ray has
+        $K^\\top \\delta\\lambda = -P\\,\\delta x \\approx 0$."""
         _, _, tol = self._shifts(qp.Q.dtype)
         cf = _canonical(qp)
         d, e = aux.d, aux.e
         res = kkt_residual(w, qp)
         lam, blam = res.lam, res.blam
-        # Primal infeasibility: Kᵀλ + λ_b = 0 and Σ U λ⁺ + L λ⁻ < 0.
-        Ktl = cf.K.T @ lam + (blam if blam.size else 0.0)
 
         def support(lm, L, U, eq, hl, hu):
             return jnp.sum(jnp.where(eq, L * lm, jnp.where(hu, U * jnp.maximum(lm, 0.0), 0.0)
                                      + jnp.where(hl, L * jnp.minimum(lm, 0.0), 0.0)))
 
-        t_p = -(support(lam, cf.L, cf.U, cf.eq, cf.hl, cf.hu)
-                + (support(blam, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu) if blam.size else 0.0))
+        def cone(lm, eq, hl, hu):
+            # The part of a multiplier change with the sign its sides allow
+            # (λ itself has it by construction).
+            return jnp.where(eq | (hl & hu), lm,
+                             jnp.where(hu, jnp.maximum(lm, 0.0),
+                                       jnp.where(hl, jnp.minimum(lm, 0.0), 0.0)))
+
         # Scaled units: λ̂ = λ/e (rows), residual d ⊙ (Kᵀλ), rhs e ⊙ (L, U).
         scale = 1 + jnp.maximum(_amax(e * cf.L), _amax(e * cf.U))
-        r_p = _amax(d * Ktl)
-        lam_norm = jnp.maximum(_amax(lam / e), _amax(blam * d) if blam.size else 0.0)
-        primal = (t_p > 0) & (r_p * scale <= tol * t_p) & (lam_norm > 0)
+
+        def farkas(lam, blam):
+            # Primal infeasibility: Kᵀλ + λ_b = 0 and Σ U λ⁺ + L λ⁻ < 0.
+            lam = cone(lam, cf.eq, cf.hl, cf.hu)
+            Ktl = cf.K.T @ lam
+            t_p = -support(lam, cf.L, cf.U, cf.eq, cf.hl, cf.hu)
+            if blam.size:
+                blam = cone(blam, cf.beq, cf.bhl, cf.bhu)
+                Ktl = Ktl + blam
+                t_p = t_p - support(blam, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu)
+            r_p = _amax(d * Ktl)
+            lam_norm = jnp.maximum(_amax(lam / e), _amax(blam * d) if blam.size else 0.0)
+            return (t_p > 0) & (r_p * scale <= tol * t_p) & (lam_norm > 0)
+
+        rs0 = _row_sides(previous)
+        lam0 = _multiplier(rs0, cf.eq, cf.hl, cf.hu)
+        blam0 = _multiplier(previous.bounds, cf.beq, cf.bhl, cf.bhu)
+        primal = farkas(lam, blam) | farkas(lam - lam0, blam - blam0)
         # Unboundedness: Px = 0, x in the recession cone, qᵀx < 0.
         x = w.x
         t_d = -jnp.dot(cf.q, x)
@@ -772,10 +822,11 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     ) -> Scalar:
         """The larger absolute KKT error of $w_{k-1}$ (`z`) and $w_k$
         (`new_z`): the max of the primal residual, the dual residual, the
-        duality gap and the largest complementarity product (see the class
-        docstring). Requiring $w_{k-1}$ to be converged too costs about one
-        extra step and makes the differentiated last step start at the
-        solution, so that `OneStep` is as accurate as `Implicit`."""
+        duality gap, the largest complementarity product and the largest
+        $\\min(s_i, z_i)^2 / \\max(s_i, z_i)$ (see the class docstring). Requiring $w_{k-1}$ to
+        be converged too costs about one extra step and makes the
+        differentiated last step start at the solution, so that `OneStep` is
+        as accurate as `Implicit`."""
         return jnp.maximum(kkt_error(z, theta), kkt_error(new_z, theta))
 
     def status(self, aux: _Aux) -> RESULTS:
@@ -796,7 +847,42 @@ def kkt_error(w: _PrimalDual, qp: QP) -> Scalar:
         jnp.maximum(_amax(jnp.where(cf.hl, r.rows.zl, 0.0)), _amax(jnp.where(cf.hu, r.rows.zu, 0.0))),
         jnp.maximum(_amax(jnp.where(cf.bhl, r.bounds.zl, 0.0)), _amax(jnp.where(cf.bhu, r.bounds.zu, 0.0))),
     )
-    return jnp.max(jnp.stack([_amax(r.dual), r.violation, slack, r.gap, comp]))
+    # Weak activity, min(s, z)^2 / max(s, z) per pair: at a weakly active
+    # constraint (s, z -> 0 together) the product s z is the square of the
+    # error in x, and a small product alone stopped at x ~ sqrt(tol). The
+    # measure is ~min(s, z) there and negligible at a strictly complementary
+    # pair (so that it adds no steps, which cost OneStep accuracy, there).
+    rs, bs = _row_sides(w), w.bounds
+
+    def weak(has, s, z):
+        lo, hi = jnp.minimum(s, z), jnp.maximum(s, z)
+        return _amax(jnp.where(has, lo * lo / jnp.where(hi > 0, hi, 1.0), 0.0))
+
+    near = jnp.maximum(
+        jnp.maximum(weak(cf.hl, rs.sl, rs.zl), weak(cf.hu, rs.su, rs.zu)),
+        jnp.maximum(weak(cf.bhl, bs.sl, bs.zl), weak(cf.bhu, bs.su, bs.zu)),
+    )
+    return jnp.max(jnp.stack([_amax(r.dual), r.violation, slack, r.gap, comp, near]))
+
+
+def _convex(cf: _Canonical, d: Array, e: Array, c: Array) -> Array:
+    """Whether the QP is convex up to rounding: its Ruiz-scaled $P$ is
+    positive semidefinite on the null space of the equalities (fixed variables
+    removed), tested by one Cholesky factorisation in `init` of
+    $\\hat P + \\rho \\hat A_{eq}^\\top \\hat A_{eq} + \\tau I$ with
+    $\\rho = 10^4$, $\\tau = \\sqrt\\epsilon \\max(1, \\max_i M_{ii})$. NaN data
+    is not reported here (the solve reports it as non-finite)."""
+    n = d.shape[0]
+    eps = float(jnp.finfo(d.dtype).eps)
+    keep = ~cf.beq if cf.beq.size else jnp.ones((n,), bool)
+    M = c * (d[:, None] * cf.P * d[None, :])
+    if cf.K.shape[0]:
+        Ks = jnp.where(cf.eq[:, None], e[:, None] * cf.K * d[None, :], 0.0)
+        M = M + 1e4 * Ks.T @ Ks
+    M = jnp.where(keep[:, None] & keep[None, :], M, 0.0)
+    tau = eps**0.5 * jnp.maximum(1.0, jnp.max(jnp.diag(M)))
+    L = jnp.linalg.cholesky(M + jnp.diag(jnp.where(keep, tau, 1.0)))
+    return jnp.all(jnp.isfinite(L)) | ~jnp.all(jnp.isfinite(M))
 
 
 def _ruiz(P: Array, K: Array, q: Array, iterations: int = 15) -> tuple[Array, Array, Array]:

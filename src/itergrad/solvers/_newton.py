@@ -31,6 +31,17 @@ def _roundoff(f0: Scalar) -> Scalar:
     return 64 * jnp.finfo(jnp.result_type(f0)).eps * jnp.abs(f0)
 
 
+def _indefinite(hessian: Float[Array, "n n"]) -> Bool[Array, ""]:
+    """Whether the symmetric `hessian` has a negative eigenvalue beyond
+    rounding: its Cholesky factorisation fails after a shift of
+    $100\\, n\\, \\epsilon \\max_{ij} |H_{ij}|$ (a positive semidefinite, even
+    singular, Hessian passes). A NaN Hessian is not reported here."""
+    n = hessian.shape[0]
+    shift = 100 * n * jnp.finfo(hessian.dtype).eps * jnp.max(jnp.abs(hessian))
+    factor = jnp.linalg.cholesky(hessian + shift * jnp.eye(n, dtype=hessian.dtype))
+    return ~jnp.all(jnp.isfinite(factor)) & jnp.all(jnp.isfinite(hessian))
+
+
 class AbstractLineSearch(eqx.Module):
     """A line search along a descent direction $d$ from $x$: returns a step
     $t > 0$ and whether it is acceptable.
@@ -236,9 +247,12 @@ class Newton(AbstractSolver):
     Hessian-vector product each, for GMRES one restart cycle; 0 with a direct
     solver) and the forcing term's history. `status` reports
     `RESULTS.linesearch_failed` when no acceptable step was found (or the
-    direction was not a descent direction, e.g. an indefinite Hessian) and
-    `RESULTS.linear_solve_failed` when the Newton system could not be solved;
-    after a failure the iterate is left unchanged.
+    direction was not a descent direction, e.g. an indefinite Hessian),
+    `RESULTS.linear_solve_failed` when the Newton system could not be solved,
+    `RESULTS.nonconvex` when a dense Hessian solved by a solver other than
+    Cholesky is indefinite, and `RESULTS.nonfinite` when the objective or its
+    gradient is NaN/Inf at the iterate; after a failure the iterate is left
+    unchanged.
 
     The Newton system $\\nabla^2 f\\, d = -g$ is solved by Lineax, with the
     Hessian either materialised (`hessian="dense"`: one linearisation of the
@@ -266,8 +280,11 @@ class Newton(AbstractSolver):
       `x` (three times for derivatives of the one-step estimator).
     - `linesearch`: `Backtracking()` (default, Armijo) or `Wolfe()`.
     - `linear_solver`: any Lineax solver for the Newton system. Default
-      `lx.Cholesky()`; `lx.LU()` assumes no definiteness (an ascent direction
-      is still reported as a line-search failure); `lx.CG(rtol=..., atol=...,
+      `lx.Cholesky()`; `lx.LU()` assumes no definiteness in the solve, but
+      Newton still needs a convex objective: an ascent direction is reported
+      as a line-search failure, and an indefinite Hessian (where LU would
+      step towards a saddle point) as `RESULTS.nonconvex`, checked by one
+      extra Cholesky factorisation of the dense Hessian per step; `lx.CG(rtol=..., atol=...,
       max_steps=...)` with `hessian="hvp"` for matrix-free inexact Newton. A
       Krylov solver that stops at its `max_steps` still yields a usable
       (descent) direction.
@@ -358,6 +375,7 @@ class Newton(AbstractSolver):
             solver = forced_solver(solver, forcing, gradient_norm)
             derivative_solver = self.linear_solver
         solver_state = None
+        indefinite = jnp.array(False)
         if self.hessian == "dense":
             # Materialised and factorised on stopped values: the derivative
             # of the direction never goes through the matrix (see
@@ -366,6 +384,12 @@ class Newton(AbstractSolver):
                 jax.vmap(operator.mv, out_axes=1)(jnp.eye(flat.size, dtype=flat.dtype))
             )
             solver_state = solver.init(lx.MatrixLinearOperator(hessian, HESSIAN_TAGS), {})
+            if not isinstance(self.linear_solver, lx.Cholesky):
+                # A solver that assumes no definiteness (LU) happily steps to
+                # a saddle point; Newton minimises, so the Hessian must be
+                # positive semidefinite (up to rounding) wherever a step is
+                # taken. Cholesky does this check for free.
+                indefinite = _indefinite(hessian)
         newton = linear_solve(
             operator, -g, solver, state=solver_state, derivative_solver=derivative_solver
         )
@@ -383,12 +407,24 @@ class Newton(AbstractSolver):
             lambda u: frozen_objective(u, frozen_theta),
             *tree_freeze((flat, f, g, direction)),
         )
-        accepted = found & ~solve_failed
+        # NaN or Inf in the objective or its gradient (e.g. in the data it
+        # closes over) is reported as such, not as the line-search failure
+        # it causes.
+        nonfinite = ~(jnp.isfinite(f) & jnp.all(jnp.isfinite(g)))
+        accepted = found & ~solve_failed & ~indefinite & ~nonfinite
         new_flat = jnp.where(accepted, flat + t * direction, flat)
         result = RESULTS.where(
-            solve_failed,
-            RESULTS.linear_solve_failed,
-            RESULTS.where(found, RESULTS.successful, RESULTS.linesearch_failed),
+            nonfinite,
+            RESULTS.nonfinite,
+            RESULTS.where(
+                solve_failed,
+                RESULTS.linear_solve_failed,
+                RESULTS.where(
+                    found,
+                    RESULTS.where(indefinite, RESULTS.nonconvex, RESULTS.successful),
+                    RESULTS.linesearch_failed,
+                ),
+            ),
         )
         new_aux = _NewtonAux(
             result=result,
