@@ -35,7 +35,10 @@ def _tanh_value(estimator, **kw):
                                     rtol=1e-13, atol=1e-13, **kw).value
 
 
-@pytest.mark.parametrize("kappa", [100.0, 1000.0])
+@pytest.mark.parametrize("kappa", [
+    pytest.param(100.0, marks=pytest.mark.slow),  # CI time budget
+    1000.0,
+])
 def test_ridge_gradient_descent_meets_the_target(kappa):
     # The trust issue's case: GD with step 1/L, rho = 1 - 1/kappa; the
     # needed K (~920, ~9200) is beyond max_K, so Auto solves implicitly.
@@ -111,6 +114,7 @@ def test_superlinear_solver_gets_one_step():
     assert abs(float(g_auto @ v - fd)) <= 1e-6 * abs(float(fd))
 
 
+@pytest.mark.slow  # CI time budget; the ridge cases cover the Implicit branch
 def test_norm_above_one_falls_back_to_implicit():
     # Heavy ball's phase-space map has ||T|| > 1 although it converges: no K
     # is certified, so Auto solves implicitly (exact) instead of refusing.

@@ -16,9 +16,8 @@ from ._estimators import (
     attach_derivative,
     replay_last_steps,
 )
-from ._implicit_rule import implicit_unknowns
+from ._implicit_rule import implicit_unknowns, valid_point
 from ._loop import history_entry, run_loop_without_gradient
-from ._solution import RESULTS
 from ._spectral import (
     DEFAULT_MAX_K,
     DEFAULT_POWER_ITERATIONS,
@@ -163,7 +162,7 @@ class Auto(AbstractEstimator):
             return implicit_unknowns(
                 solver, out.state, theta, implicit.condition, implicit.linear_solver,
                 implicit._tags(solver), implicit.throw,
-                active=out.result == RESULTS.successful,
+                active=valid_point(out.result),
             )
 
         z = jax.lax.switch(choice, (one_step, truncated, implicit_branch), theta)

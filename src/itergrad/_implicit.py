@@ -6,10 +6,9 @@ import equinox as eqx
 import lineax as lx
 
 from ._estimators import AbstractEstimator
-from ._implicit_rule import implicit_unknowns
+from ._implicit_rule import implicit_unknowns, valid_point
 from ._loop import run_loop_without_gradient
 from ._neumann import Neumann
-from ._solution import RESULTS
 from .solvers._base import AbstractSolver, State
 
 
@@ -116,7 +115,7 @@ class Implicit(AbstractEstimator):
         live = implicit_unknowns(
             solver, out.state, theta, self.condition, self.linear_solver,
             self._tags(solver), self.throw,
-            active=out.result == RESULTS.successful,
+            active=valid_point(out.result),
         )
         return State(live, out.state.aux), out
 

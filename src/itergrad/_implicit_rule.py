@@ -15,6 +15,7 @@ import lineax as lx
 from jaxtyping import PyTree
 
 from ._neumann import _AbstractNeumann
+from ._solution import RESULTS
 from ._tree import tree_freeze, tree_norm, tree_sub
 from .solvers._base import AbstractSolver, State
 
@@ -34,11 +35,12 @@ def implicit_unknowns(
     $G(z, \\theta) = 0$ (`"optimality"`: `solver.optimality`; `"fixed_point"`:
     $F_z(z, a, \\theta) - z$), with the auxiliary state $a$ frozen.
 
-    `active` (a boolean, per instance under `vmap`) is whether the forward
-    solve succeeded: where it did not (a failed solve, flagged in its
-    `Solution.result`) the derivative is zero and the linear solve is neither
-    checked nor able to raise, so one failed instance of a batch changes
-    nothing in the others."""
+    `active` (a boolean, per instance under `vmap`; see `valid_point`) is
+    whether the forward solve ended at a point the derivative means
+    something at: where it did not (non-finite, infeasible, ... flagged in
+    its `Solution.result`) the derivative is zero and the linear solve is
+    neither checked nor able to raise, so one failed instance of a batch
+    changes nothing in the others."""
     root = jax.lax.stop_gradient(state.z)
     aux = jax.lax.stop_gradient(state.aux)
     condition_fn = _condition_function(solver, condition, aux)
@@ -51,6 +53,15 @@ def implicit_unknowns(
         root, condition_fn, theta, active, linear_solver=linear_solver, tags=tags,
         throw=throw, condition=condition,
     )
+
+
+def valid_point(result: RESULTS) -> Any:
+    """Whether a forward solve with this result ended at a point where the
+    implicit derivative is defined: a converged one, or the last iterate of a
+    deliberate step budget (`max_steps_reached` with `throw=False`: the
+    derivative at $x_k$, eq. 6). Non-finite, infeasible, non-convex or
+    line-search failures are not."""
+    return (result == RESULTS.successful) | (result == RESULTS.max_steps_reached)
 
 
 def _condition_function(
