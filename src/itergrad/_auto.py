@@ -14,17 +14,16 @@ from ._estimators import (
     AbstractEstimator,
     _replay_gaps,
     attach_derivative,
+    measure_truncation,
     replay_last_steps,
 )
 from ._implicit_rule import implicit_unknowns, valid_point
-from ._loop import history_entry, run_loop_without_gradient
+from ._loop import history_entry
 from ._spectral import (
     DEFAULT_MAX_K,
     DEFAULT_POWER_ITERATIONS,
-    needed_truncation,
-    solver_contraction,
 )
-from ._tree import tree_sub, tree_where
+from ._tree import tree_where
 from ._validate import positive_int
 from .solvers._base import State
 
@@ -132,16 +131,12 @@ class Auto(AbstractEstimator):
         )
 
     def run(self, solver, state0, theta, settings):
-        out = run_loop_without_gradient(solver, state0, theta, settings, keep=self.max_K)
+        out, rho, K = measure_truncation(
+            solver, state0, theta, settings, self.max_K, float(self.target),
+            self.power_iterations, self.max_K,
+        )
         history = out.history
         assert history is not None
-        stop = jax.lax.stop_gradient
-        previous = history_entry(history, out.steps, jnp.array(1), self.max_K).z
-        rho = solver_contraction(
-            solver, stop(out.state), stop(theta), self.power_iterations,
-            start=stop(tree_sub(out.state.z, previous)),
-        )
-        K = needed_truncation(rho, float(self.target), self.max_K)
         choice = choose(K, self.max_K)
         implicit = self._implicit()
 

@@ -117,6 +117,34 @@ def truncate(
     return State(z, out.state.aux), out
 
 
+def measure_truncation(
+    solver: AbstractSolver,
+    state0: State,
+    theta: PyTree[Any],
+    settings: LoopSettings,
+    max_K: int,
+    target: float,
+    power_iterations: int,
+    cap: int,
+) -> tuple[LoopOutput, Real[Array, ""], Int[Array, ""]]:
+    """The forward loop without gradients keeping `max_K` states, the
+    contraction factor $\rho$ at its final unknowns and the truncation $K$
+    that meets `target` (`cap + 1` when none up to `cap` does); shared by
+    `Truncated("auto")` and `Auto`."""
+    out = run_loop_without_gradient(solver, state0, theta, settings, keep=max_K)
+    # Power iteration starts from the last step z_k - z_{k-1}: for a
+    # linearly converging iteration it is dominated by the slowest mode,
+    # i.e. it is already close to the vector sought (and it needs no
+    # random key).
+    assert out.history is not None
+    previous = history_entry(out.history, out.steps, jnp.array(1), max_K).z
+    rho = solver_contraction(
+        solver, _stop(out.state), _stop(theta), power_iterations,
+        start=_stop(tree_sub(out.state.z, previous)),
+    )
+    return out, rho, needed_truncation(rho, target, cap)
+
+
 class AbstractEstimator(eqx.Module):
     """A way to differentiate the output of an iterative solver.
 
@@ -319,19 +347,10 @@ class Truncated(AbstractEstimator):
         target = 1e-4 if self.target is None else float(self.target)
         max_K = DEFAULT_MAX_K if self.max_K is None else self.max_K
         max_tail = DEFAULT_MAX_TAIL if self.max_tail is None else self.max_tail
-        out = run_loop_without_gradient(solver, state0, theta, settings, keep=max_K)
-        # Power iteration starts from the last step z_k - z_{k-1}: for a
-        # linearly converging iteration it is dominated by the slowest mode,
-        # i.e. it is already close to the vector sought (and it needs no
-        # random key).
-        assert out.history is not None
-        previous = history_entry(out.history, out.steps, jnp.array(1), max_K).z
-        rho = solver_contraction(
-            solver, _stop(out.state), _stop(theta), self.power_iterations,
-            start=_stop(tree_sub(out.state.z, previous)),
-        )
         cap = max_K + max_tail
-        needed = needed_truncation(rho, target, cap)
+        out, rho, needed = measure_truncation(
+            solver, state0, theta, settings, max_K, target, self.power_iterations, cap
+        )
         replayed, gap = replay_last_steps(
             out, max_K, jnp.minimum(needed, max_K), solver, state0, theta
         )
