@@ -79,9 +79,9 @@ def test_moderate_contraction_truncates_to_the_needed_K():
     # The smallest K with rho^K / (1 - rho^K) <= 1e-4.
     assert rho ** K / (1 - rho ** K) <= 1e-4 < rho ** (K - 1) / (1 - rho ** (K - 1))
     # The same derivative as Truncated(K), forward and reverse.
-    J_fwd = jax.jacfwd(_tanh_value(ig.Auto()))(theta)[:, 1:]
+    J_fwd = jax.jit(jax.jacfwd(_tanh_value(ig.Auto())))(theta)[:, 1:]
     J_rev = jax.jit(jax.jacrev(_tanh_value(ig.Auto())))(theta)[:, 1:]
-    J_trunc = jax.jacfwd(_tanh_value(ig.Truncated(K)))(theta)[:, 1:]
+    J_trunc = jax.jit(jax.jacfwd(_tanh_value(ig.Truncated(K))))(theta)[:, 1:]
     np.testing.assert_allclose(J_fwd, J_trunc, rtol=0, atol=1e-14)
     np.testing.assert_allclose(J_rev, J_trunc, rtol=0, atol=1e-14)
     # Within the target of the closed form, and the estimate bounds the error.

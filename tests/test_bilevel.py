@@ -54,6 +54,10 @@ def _example(name):
     return module
 
 
+# The end-to-end example (~25 s of compilation): the README's and the bilevel
+# tutorial's Newton hypergradient loops (tests/test_readme.py, test_docs.py) and
+# test_step_in_a_user_loop_matches_the_convenience_loop cover the same path.
+@pytest.mark.slow
 def test_newton_onestep_finds_heldout_optimal_lambda():
     # examples/ridge_regularization.py: Newton inner solver, theta = log lambda,
     # gap to a 4001-point grid search of the closed-form validation loss.

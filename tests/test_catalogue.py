@@ -670,7 +670,7 @@ def test_C22_float32_qp_layer_gradient_with_default_tolerances():
         qp = _simplex_qp(1.0, dtype=jnp.float32, c=c)
         return ig.solve(ig.InteriorPointQP(), None, qp).value @ jnp.arange(3.0, dtype=jnp.float32)
 
-    g = jax.grad(loss)(jnp.asarray(_C, jnp.float32))
+    g = jax.jit(jax.grad(loss))(jnp.asarray(_C, jnp.float32))
     # On the support {0, 1}: d x / d c = I - 11^T/2.
     np.testing.assert_allclose(g, [-0.5, 0.5, 0.0], atol=1e-3)
 
