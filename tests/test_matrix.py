@@ -71,7 +71,7 @@ Cells that do not run normally (each is listed and checked, none skipped)
   Corollary 1 gives no bound; OneStep still returns its closed form
   B(x_{k-1}) (checked) and that is > 10% from J̄ (checked).
 - Library bugs, run as `xfail(strict=True)` (`LIBRARY_BUGS`): `qp` x
-  `implicit_fp` / `truncated_auto` / `neumann30` x `vmap` in float32 (see the reasons there). The float32 QP
+  `implicit_fp` / `truncated_auto` x `vmap` in float32 (see the reasons there). The float32 QP
   converges again since its proximal shifts follow the dtype
   (`InteriorPointQP._shifts`).
 
@@ -630,9 +630,8 @@ LIBRARY_BUGS: dict[tuple[str, str | None, str | None, str | None], str] = {
     "QP under vmap: Lineax's non-finite check fires in the fixed-point "
     "linearisation of the step (the Neumann tail, computed for every instance "
     "under vmap), as for implicit_fp above.",
-    ("qp", f"neumann{K_NEUMANN}", "vmap", "f32"): "Implicit(Neumann) on the "
-    "float32 QP under vmap: the same fixed-point linearisation as implicit_fp "
-    "above returns non-finite output for one of the three thetas.",
+    # (qp, neumann30, vmap, f32) passes since the step is differentiated as
+    # the full Newton step (J_w F -> 0 at the solution): entry deleted.
 }
 
 
