@@ -727,8 +727,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         alpha_a = jnp.minimum(1.0, alpha_max(dra, dba))
 
         def add(a: _Sides, da: _Sides, t):
-            return _Sides(*(u + t * du for u, du in zip(
-                (a.sl, a.zl, a.su, a.zu), (da.sl, da.zl, da.su, da.zu), strict=True)))
+            return jax.tree.map(lambda u, du: u + t * du, a, da)
 
         mu_a = jnp.sum(products(add(rs, dra, alpha_a), add(bs, dba, alpha_a) if nb else bs)) / count
         positive = mu > 0
@@ -776,10 +775,8 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
             frozen = jax.lax.stop_gradient(du)
             return u + alpha * frozen + gate * (du - frozen)
 
-        new_rows = _Sides(*map(advance, (rs.sl, rs.zl, rs.su, rs.zu),
-                               (dr.sl, dr.zl, dr.su, dr.zu)))
-        new_b = _Sides(*map(advance, (bs.sl, bs.zl, bs.su, bs.zu),
-                            (db.sl, db.zl, db.su, db.zu))) if nb else bs
+        new_rows = jax.tree.map(advance, rs, dr)
+        new_b = jax.tree.map(advance, bs, db) if nb else bs
         new = _from_row_sides(w, advance(w.x, dx), new_rows, new_b)
         certificate, new_res = self._certificate(new, qp, aux, w)
         result = RESULTS.where(ok, certificate, aux.result)
