@@ -216,17 +216,88 @@ def test_bad_arguments():
         ig.nn.DEQ(CELL)(X)  # z defaults to x's shape (3,), the cell's is (4,)
 
 
+def _documented_auto_K(rho, forward_steps, target, max_K):
+    # Truncated("auto")'s documented rule: the smallest K with
+    # rho^K / (1 - rho^K) <= target, i.e. ceil(log(t / (1 + t)) / log rho),
+    # at most the forward steps taken when K fits the max_K stored states.
+    rho = np.asarray(rho, np.float64)
+    needed = np.maximum(np.ceil(np.log(target / (1 + target)) / np.log(rho)), 1)
+    return np.where(needed > max_K, needed, np.minimum(needed, forward_steps))
+
+
 @pytest.mark.slow  # the end-to-end example; the layer tests above stay
 def test_digits_example_tiny(tmp_path):
+    import json
+
     path = pathlib.Path(__file__).parents[1] / "examples" / "deq_digits.py"
     spec = importlib.util.spec_from_file_location("deq_digits", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # One estimator keeps this under ~10 s; `--quick` runs all four.
-    rows = module.main(["--tiny", "--out", str(tmp_path), "--estimators", "onestep"])
-    assert [row["estimator"] for row in rows] == ["onestep"]
+    # Two estimators keep this under ~20 s (OneStep, and Truncated("auto")
+    # whose K the probe reports); `--quick` runs all five.
+    rows = module.main(
+        ["--tiny", "--out", str(tmp_path), "--estimators", "onestep", "auto"]
+    )
+    assert [row["estimator"] for row in rows] == ["onestep", "auto"]
+    target, max_K = module.AUTO_TARGET, module.AUTO_MAX_K
     for row in rows:
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert row["epoch_seconds"] > 0 and row["forward_steps"] > 0
+        # rho per epoch at the probe inputs: epoch 0 (initialisation) and the
+        # one epoch of --tiny.
+        history = row["epochs"]
+        assert [h["epoch"] for h in history] == [0, 1]
+        for h in history:
+            rho = np.asarray(h["rho"])
+            assert rho.shape == (module.PROBES,) and np.all(np.isfinite(rho))
+            # A contracting cell: 0 < rho < 1, indeed rho <= ||s W||_2 <= gamma
+            # since |tanh'| <= 1.
+            assert np.all(rho > 0) and np.all(rho < 1)
+            assert np.all(rho <= module.CONTRACTION * (1 + 1e-5))
+            assert h["rho_median"] == pytest.approx(float(np.median(rho)))
+            # At the fixed point (both at z_k) J_OS - J_ID = -J_z f J_ID: the
+            # measured one-step disagreement is at most rho (GMRES accuracy).
+            assert np.all(np.asarray(h["onestep_disagreement"]) <= rho + 1e-4)
+            # Truncated("auto")'s K is the documented formula for the rho it
+            # measured, exactly; its rho (30 power steps, corrected upwards)
+            # is diagnose's (100 steps) to within 1%, so the formula on
+            # diagnose's rho gives K up to the rounding of the ceiling.
+            K, steps = np.asarray(h["auto_K"]), np.asarray(h["forward_steps"])
+            assert np.all(K >= 1)
+            np.testing.assert_array_equal(
+                K, _documented_auto_K(h["auto_rho"], steps, target, max_K)
+            )
+            np.testing.assert_allclose(h["auto_rho"], rho, rtol=1e-2)
+            assert np.all(
+                np.abs(K - _documented_auto_K(rho, steps, target, max_K)) <= 1
+            )
+            np.testing.assert_array_equal(K, module.auto_K(h["auto_rho"], steps))
+
+    # The recorded rho of the last epoch against a dense reference:
+    # ||J_z f(z*, u)||_2 by SVD of the materialised Jacobian, at the fixed
+    # points the probe found for the trained model's probe inputs.
+    row = rows[0]
+    model = row["model"]
+    cell = model.cell.contractive()
+    u = jax.vmap(model.inject)(jnp.asarray(row["probe_inputs"]))
+    z, measured = module.probe(cell, u)
+    recorded = np.asarray(row["epochs"][-1]["rho"])
+    np.testing.assert_array_equal(measured["rho"], recorded)
+    residual = jax.vmap(cell)(z, u) - z
+    assert float(jnp.max(jnp.linalg.norm(residual, axis=1))) < 1e-3
+    dense = np.array(
+        [
+            np.linalg.norm(np.asarray(jax.jacfwd(cell)(zi, ui), np.float64), 2)
+            for zi, ui in zip(z, u)
+        ]
+    )
+    np.testing.assert_allclose(recorded, dense, rtol=1e-6)
+
     assert (tmp_path / "deq_digits.png").exists()
     assert (tmp_path / "deq_digits.csv").read_text().startswith("estimator,")
+    epochs_csv = (tmp_path / "deq_digits_epochs.csv").read_text().splitlines()
+    assert epochs_csv[0].startswith("estimator,seed,epoch,loss,rho_median,")
+    assert len(epochs_csv) == 1 + 2 * 2  # header, 2 estimators x epochs 0..1
+    saved = json.loads((tmp_path / "deq_digits.json").read_text())
+    assert [run["estimator"] for run in saved["runs"]] == ["onestep", "auto"]
+    assert saved["runs"][0]["epochs"][-1]["rho"] == pytest.approx(recorded.tolist())
