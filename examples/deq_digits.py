@@ -468,12 +468,17 @@ def _scalar_keys(row: dict[str, Any]) -> list[str]:
 
 def write_csv(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     """One line per run: the scalar metrics (not the per-epoch records)."""
-    keys = _scalar_keys(rows[0])
+    _write_table(rows, _scalar_keys(rows[0]), path)
+
+
+def _write_table(
+    records: Sequence[dict[str, Any]], keys: list[str], path: pathlib.Path
+) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in keys})
+        for record in records:
+            writer.writerow({k: record[k] for k in keys})
 
 
 def write_epochs_csv(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
@@ -488,12 +493,9 @@ def write_epochs_csv(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None
     ]
     if not records:
         return
-    keys = [k for k, v in records[0].items() if not isinstance(v, list)]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: record[k] for k in keys})
+    _write_table(
+        records, [k for k, v in records[0].items() if not isinstance(v, list)], path
+    )
 
 
 def write_json(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:

@@ -96,10 +96,9 @@ Cells that do not run normally (each is listed and checked, none skipped)
   `onestep`: one step of the phase-space map is not a contraction, so
   Corollary 1 gives no bound; OneStep still returns its closed form
   B(x_{k-1}) (checked) and that is > 10% from J̄ (checked).
-- Library bugs, run as `xfail(strict=True)` (`LIBRARY_BUGS`): `qp` x
-  `implicit_fp` / `truncated_auto` x `vmap` in float32 (see the reasons there). The float32 QP
-  converges again since its proximal shifts follow the dtype
-  (`InteriorPointQP._shifts`).
+- Library bugs, run as `xfail(strict=True)` (`LIBRARY_BUGS`): none left
+  (the last, float32 QP cells under `vmap`, were fixed; see the comment
+  there).
 
 Also here: the Hessian of OneStep on Newton (dense and matrix-free) against
 the Hessian of θ -> F(x_{k-1}, θ) with Newton's step written out by hand, as
@@ -1029,17 +1028,11 @@ NOT_MEANINGFUL = {
 # the fix shows up (as XPASS: then delete the entry).
 # Keyed (solver, estimator, transform, dtype); None matches every value.
 LIBRARY_BUGS: dict[tuple[str, str | None, str | None, str | None], str] = {
-    ("qp", "implicit_fp", "vmap", "f32"): "Implicit(condition='fixed_point') "
-    "on the float32 QP: for one of the three thetas the linear solve with "
-    "I - J_w F (the predictor-corrector step's Jacobian, which divides by "
-    "slacks of order 1e-6 at the solution) returns non-finite output; the "
-    "optimality condition (implicit_opt) is fine in every transform.",
-    ("qp", "truncated_auto", "vmap", "f32"): "Truncated('auto') on the float32 "
-    "QP under vmap: Lineax's non-finite check fires in the fixed-point "
-    "linearisation of the step (the Neumann tail, computed for every instance "
-    "under vmap), as for implicit_fp above.",
-    # (qp, neumann30, vmap, f32) passes since the step is differentiated as
-    # the full Newton step (J_w F -> 0 at the solution): entry deleted.
+    # Empty. The last entries, (qp, implicit_fp / truncated_auto, vmap, f32),
+    # pass since the interior-point step keeps 1 - eta >= 16 eps (in float32
+    # the cap 1 - 1e-12 rounded to 1, a slack could reach zero and the step's
+    # linearisation divided by it); (qp, neumann30, vmap, f32) passed since
+    # the step is differentiated as the full Newton step.
 }
 
 
@@ -1063,10 +1056,11 @@ def _cells():
         if solver == "qp" and name not in ("onestep", "implicit_opt"):
             # The QP step is the costliest to compile (~8 s per program): the
             # default run keeps the QP's own estimators, OneStep and Implicit
-            # (168 cells in all); the other QP cells are in the slow tier.
+            # (328 cells in all with the 11 solver cases); the other QP cells are
+            # in the slow tier.
             marks.append(pytest.mark.slow)
         if dtype == "f32":
-            # The default run checks every transform in float64 (192 cells);
+            # The default run checks every transform in float64;
             # the float32 cells are the slow tier (`pytest -m slow`), to keep
             # CI under its time budget (float32 is also checked per solver in
             # its own test file).

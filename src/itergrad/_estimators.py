@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree, Real
 
-from ._implicit_rule import implicit_unknowns
+from ._implicit_rule import implicit_unknowns, valid_point
 from ._loop import (
     LoopOutput,
     LoopSettings,
@@ -67,12 +67,22 @@ def replay_last_steps(
     $K' = \\min(\\text{live\\_steps}, k)$, with gradients live. When $k$ is
     smaller, the replay starts from `state0`, so `x0`'s dependence on `theta`
     is kept, as in `Unroll`. Also returns the distances of the replayed
-    states to $z_k$ (see `_replay_gaps`)."""
+    states to $z_k$ (see `_replay_gaps`).
+
+    A failed solve (non-finite, infeasible, non-convex, stalled, a failed
+    line search: not `valid_point`) gets a zero derivative, as with
+    `Implicit`, and no step is differentiated at its last states: nothing is
+    replayed (`live_steps = 0`) and the masked replay starts from `state0`,
+    so that no derivative is evaluated where the failure happened (there a
+    zero cotangent times an infinite partial is NaN: a stalled float32 QP in
+    a `vmap` batch made Lineax's transposed solve raise for the whole
+    batch)."""
     steps = out.steps
-    live_steps = jnp.minimum(steps, live_steps)
+    valid = valid_point(out.result)
+    live_steps = jnp.where(valid, jnp.minimum(steps, live_steps), 0)
     assert out.history is not None  # keep=K >= 1 states were stored
     start = tree_where(
-        steps > live_steps,
+        valid & (steps > live_steps),
         history_entry(out.history, steps, live_steps, K),
         state0,
     )
@@ -84,9 +94,12 @@ def replay_last_steps(
         return tree_where(i >= K - live_steps, stepped, state)
 
     live = jax.lax.fori_loop(0, K, replay, start)
+    # Failed: `state0` may depend on theta (a solver's own starting point):
+    # its derivative is dropped too.
+    live_z = tree_where(valid, live.z, jax.lax.stop_gradient(live.z))
     # Only the unknowns carry a derivative; the auxiliary state is returned
     # as the forward loop left it.
-    return attach_derivative(out.state.z, live.z), _replay_gaps(out, K, live_steps)
+    return attach_derivative(out.state.z, live_z), _replay_gaps(out, K, live_steps)
 
 
 def _replay_gaps(out: LoopOutput, K: int, live_steps: Int[Array, ""]) -> Real[Array, " K"]:

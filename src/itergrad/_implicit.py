@@ -1,8 +1,9 @@
 """Implicit differentiation: the only custom derivative rule in itergrad."""
 
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
+import jax.numpy as jnp
 import lineax as lx
 
 from ._estimators import AbstractEstimator
@@ -51,6 +52,14 @@ class Implicit(AbstractEstimator):
       solve has returned. A Krylov solver is then probed too (see below; one
       extra solve), and a tangent solve of it that reaches its `max_steps`
       returns its last iterate, unflagged.
+    - `solve_dtype`: mixed precision. `None` (default) forms and solves the
+      system in the unknowns' dtype; e.g. `jnp.float64` after a float32
+      forward solve evaluates $G$, its Jacobian and the solve with $x_k$ and
+      $\\theta$ promoted to float64 (needs `jax_enable_x64`), and rounds the
+      derivative back to float32. It removes the float32 rounding of the
+      linear solve (about $\\mathrm{cond}(J_z G)\\cdot 6\\cdot 10^{-8}$), not
+      the distance of the float32 $x_k$ to $\\bar x$ (eq. 6): measured in
+      `docs/batches-and-devices.md`.
     - `tags`: Lineax tags of $J_z G$ (e.g.
       `frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})`), which
       decide what `lx.AutoLinearSolver` picks and are required by `lx.CG`.
@@ -88,8 +97,19 @@ class Implicit(AbstractEstimator):
     )
     throw: bool = eqx.field(static=True, default=True)
     tags: frozenset[object] | None = eqx.field(static=True, default=None)
+    solve_dtype: Any = eqx.field(static=True, default=None)
 
     def __check_init__(self):
+        if self.solve_dtype is not None:
+            try:
+                floating = jnp.issubdtype(jnp.dtype(self.solve_dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(
+                    "Implicit(solve_dtype=...) must be a real floating-point dtype "
+                    f"(e.g. jnp.float64), got {self.solve_dtype!r}."
+                )
         if self.condition not in ("optimality", "fixed_point"):
             raise ValueError(
                 "Implicit(condition=...) must be 'optimality' or 'fixed_point', "
@@ -115,7 +135,7 @@ class Implicit(AbstractEstimator):
         live = implicit_unknowns(
             solver, out.state, theta, self.condition, self.linear_solver,
             self._tags(solver), self.throw,
-            active=valid_point(out.result),
+            active=valid_point(out.result), solve_dtype=self.solve_dtype,
         )
         return State(live, out.state.aux), out
 

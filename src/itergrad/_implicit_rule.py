@@ -29,6 +29,7 @@ def implicit_unknowns(
     tags: frozenset[object],
     throw: bool,
     active: Any = True,
+    solve_dtype: Any = None,
 ) -> PyTree[Any]:
     """The final unknowns $z$ (stopped) carrying the implicit derivative
     $\\dot z = -(J_z G)^{-1} J_\\theta G\\, \\dot\\theta$ of the condition
@@ -40,19 +41,52 @@ def implicit_unknowns(
     something at: where it did not (non-finite, infeasible, ... flagged in
     its `Solution.result`) the derivative is zero and the linear solve is
     neither checked nor able to raise, so one failed instance of a batch
-    changes nothing in the others."""
+    changes nothing in the others.
+
+    `solve_dtype` (mixed precision): when given (e.g. `jnp.float64` for a
+    float32 solve), $G$ is evaluated, linearised and solved with $z$ and
+    $\\theta$ promoted to it, and the derivative is rounded back to the
+    unknowns' dtype at the end; `None` keeps the unknowns' dtype."""
     root = jax.lax.stop_gradient(state.z)
     aux = jax.lax.stop_gradient(state.aux)
     condition_fn = _condition_function(solver, condition, aux)
     # Closure conversion turns arrays that the solver or the user's F close
     # over into explicit inputs, so they are differentiated through the
-    # custom rule too instead of being silently treated as constants.
-    condition_fn = eqx.filter_closure_convert(condition_fn, root, theta)
+    # custom rule too instead of being silently treated as constants. It
+    # traces G at the dtype it will be evaluated in (see `promote`).
+    promote = _promoter(solve_dtype)
+    condition_fn = eqx.filter_closure_convert(condition_fn, promote(root), promote(theta))
     active = jax.lax.stop_gradient(jnp.asarray(active, bool))
     return _implicit_root(
         root, condition_fn, theta, active, linear_solver=linear_solver, tags=tags,
-        throw=throw, condition=condition,
+        throw=throw, condition=condition, solve_dtype=solve_dtype,
     )
+
+
+def _promoter(solve_dtype: Any) -> Callable[[PyTree[Any]], PyTree[Any]]:
+    """Casts the real floating-point leaves of a pytree narrower than
+    `solve_dtype` up to it (identity for `None`)."""
+    if solve_dtype is None:
+        return lambda tree: tree
+    target = jnp.dtype(solve_dtype)
+    if target == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "Implicit(solve_dtype=jnp.float64) needs 64-bit JAX: call "
+            "`jax.config.update('jax_enable_x64', True)` at start-up (without "
+            "it every float64 array is silently float32, and the mixed-precision "
+            "solve would be a float32 one)."
+        )
+
+    def cast(leaf):
+        if (
+            eqx.is_array(leaf)
+            and jnp.issubdtype(leaf.dtype, jnp.floating)
+            and jnp.finfo(leaf.dtype).bits < jnp.finfo(target).bits
+        ):
+            return leaf.astype(target)
+        return leaf
+
+    return lambda tree: jtu.tree_map(cast, tree)
 
 
 def valid_point(result: RESULTS) -> Any:
@@ -78,14 +112,18 @@ def _condition_function(
 
 @eqx.filter_custom_jvp
 def _implicit_root(root, condition_fn, theta, active, *, linear_solver, tags, throw,
-                   condition):
-    del condition_fn, theta, active, linear_solver, tags, throw, condition
+                   condition, solve_dtype):
+    del condition_fn, theta, active, linear_solver, tags, throw, condition, solve_dtype
     return root
 
 
 @_implicit_root.def_jvp
-def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw, condition):
+def _implicit_root_jvp(
+    primals, tangents, *, linear_solver, tags, throw, condition, solve_dtype
+):
     root, condition_fn, theta, active = primals
+    promote = _promoter(solve_dtype)
+    root_dtypes = jtu.tree_map(lambda v: v.dtype, root)
     _, t_condition_fn, t_theta, _ = tangents
     # Tangent of G(root, .) in the direction of (condition_fn's closed-over
     # arrays, theta); the root itself is held fixed.
@@ -101,14 +139,15 @@ def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw, conditi
 
     def g_of_inputs(dyn):
         fn, th = eqx.combine(dyn, static_inputs)
-        return fn(root, th)
+        return fn(promote(root), promote(th))
 
     _, t_residual = jax.jvp(g_of_inputs, (diff_inputs,), (t_inputs,))
     # Linearised once: a Krylov solver's products then cost one linear
     # application each, not a fresh JVP through the condition.
     operator = lx.linearise(
         lx.JacobianLinearOperator(
-            lambda z, args: condition_fn(z, args), root, theta, tags=tags
+            lambda z, args: condition_fn(z, args), promote(root), promote(theta),
+            tags=tags,
         )
     )
     # A failed forward solve: a zero right-hand side (a zero derivative that
@@ -121,7 +160,9 @@ def _implicit_root_jvp(primals, tangents, *, linear_solver, tags, throw, conditi
     t_root = _solve_condition(
         operator, masked(t_residual), linear_solver, throw, condition, active
     )
-    return root, jtu.tree_map(lambda t: -t, masked(t_root))
+    return root, jtu.tree_map(
+        lambda t, dtype: (-t).astype(dtype), masked(t_root), root_dtypes
+    )
 
 
 def _solve_condition(operator, vector, linear_solver, throw, condition, active):

@@ -60,6 +60,14 @@ class RESULTS(eqx.Enumeration):
         "`Q` / the objective's Hessian, add a convex regulariser, or use a method for "
         "non-convex problems."
     )
+    stalled = (
+        "stalled: The solver stopped making progress: its residual (`Solution.residual`) "
+        "has not decreased for several steps, at a level close to the rounding floor of "
+        "the data's precision (in float32 about 1e-4 for QPs with a few hundred "
+        "variables), above the requested tolerance. Loosen `atol`/`rtol` to above "
+        "`Solution.residual`, or solve in float64. With `throw=False` the last iterate "
+        "is returned, flagged."
+    )
     not_contracting = (
         "not_contracting: The step map is not a contraction at the solution: its estimated "
         "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`). One-step, "

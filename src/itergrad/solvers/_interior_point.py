@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import lineax as lx
-from jaxtyping import Array, Bool, Float, Scalar
+from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from .._linear_solve import linear_solve
 from .._solution import RESULTS
@@ -48,6 +48,11 @@ class _PrimalDual(eqx.Module):
     bounds: _Sides
 
 
+# Steps without a 10% decrease of the KKT error, below sqrt(eps), after which
+# the solve is reported `stalled`.
+_STALL = 5
+
+
 class _Aux(eqx.Module):
     """Auxiliary state: the infeasibility code of the last step, the Ruiz
     scaling computed once by `init` (columns `d`, rows `e`, cost `c`), and the
@@ -61,6 +66,8 @@ class _Aux(eqx.Module):
     c: Float[Array, ""]
     previous_error: Float[Array, ""]
     error: Float[Array, ""]
+    # Consecutive steps without progress near the rounding floor (`_STALL`).
+    stalls: Int[Array, ""]
 
 
 class _Canonical(eqx.Module):
@@ -417,7 +424,11 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     $x$; negligible at a strictly complementary pair); of both $w_{k-1}$ and $w_k$, so that the
     differentiated last step starts at the solution and `ig.OneStep()` matches
     `ig.Implicit()` (Corollary 3). `itergrad.solve` stops when it is at most
-    `atol + rtol * ||x||`.
+    `atol + rtol * ||x||`. When the KKT error, already below
+    $\\sqrt{\\epsilon}$, fails to decrease by 10% in 5 consecutive steps
+    (the rounding floor of the data's precision, above the tolerance: in
+    float32 about `1e-4` for a few hundred variables), the solve ends with
+    `RESULTS.stalled`, which says to loosen the tolerance or use float64.
 
     **Arguments:**
 
@@ -428,9 +439,9 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
       precision): a safeguard for a singular $P$ or dependent rows,
       negligible otherwise.
     - `factorization_regularization`: the larger shift of the factorised
-      matrix (default `1e-9` in float64, $\\sqrt{\\epsilon}/3$ = `1.2e-4` in
-      float32, where smaller shifts are lost to rounding and the iterates
-      stall), removed by the refinement.
+      matrix (default `1e-9` in float64, `1e-3` in lower precision, where
+      smaller shifts are lost to rounding and the iterates stall or diverge),
+      removed by the refinement.
     - `refinement_steps`: iterative refinement steps per solve (default 3).
     - `infeasibility_tol`: tolerance of the Farkas certificates checked after
       every step: primal infeasibility when the multipliers
@@ -481,18 +492,20 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         """`(regularization, factorization_regularization, infeasibility_tol)`,
         the defaults following the data's precision: `1e-14`, `1e-9`, `1e-9`
         in float64; in lower precision (machine epsilon $\\epsilon$)
-        $100\\epsilon^2$, $\\sqrt{\\epsilon}/3$ and $100\\epsilon$, so that the
+        $100\\epsilon^2$, `1e-3` and $100\\epsilon$, so that the
         shifts are not lost to rounding (else the iterates stall)."""
         eps = float(jnp.finfo(dtype).eps)
         regularization = (
             max(1e-14, 100 * eps**2) if self.regularization is None
             else self.regularization
         )
-        # Measured on random QPs in float32 (n = 20, 50): 1e-5 stalls at
-        # n = 50, 1e-4 converges in 7-9 steps to 2.6e-7 of the float64 solution.
+        # Measured on random QPs in float32: 1e-5 stalls at n = 50; 1e-4
+        # (sqrt(eps)/3) converges at n = 20, 50 but diverges on 5 of 12 at
+        # n = 200 (residual 1e4 to 1e9 after 100 steps); 1e-3 converges on
+        # those (24 of 24 at n = 200) in the same steps at n = 20, 50 (32 each).
         float64 = eps <= 1e-15
         factorization = (
-            (1e-9 if float64 else eps**0.5 / 3)
+            (1e-9 if float64 else 1e-3)
             if self.factorization_regularization is None
             else self.factorization_regularization
         )
@@ -604,7 +617,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         inf = jnp.asarray(jnp.inf, dt)
         aux = _Aux(
             RESULTS.where(_convex(cf, d, e, c), RESULTS.successful, RESULTS.nonconvex),
-            d, e, c, inf, inf,
+            d, e, c, inf, inf, jnp.zeros((), jnp.int32),
         )
         k, nb = qp.rows, qp.lb.shape[0]
 
@@ -742,10 +755,14 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # The fraction to the boundary tends to 1 with the gap, so that the
         # last, differentiated steps are full Newton steps up to O(μ)
         # (a fixed 0.99999 would bias the one-step derivative by 1e-5).
-        # Capped below 1 so that no slack or dual becomes exactly 0 (the
-        # elimination divides by slacks); the bias this leaves in the
-        # one-step derivative is of the order of the cap, 1e-12.
-        eta = jnp.clip(1.0 - mu, self.eta_min, 1.0 - 1e-12)
+        # Capped below 1 so that no slack or dual becomes 0 (the elimination
+        # divides by slacks): s + αΔs ≥ (1 - η) s exactly, and its rounding
+        # is ~ε s, so the cap keeps 1 - η ≥ 16ε. A cap of 1 - 1e-12 rounds
+        # to 1 in float32: a slack then came out at -2e-19 and the next step
+        # was NaN (2 of 128 random QPs with n = 50, `benchmarks/batched_qp.py`).
+        # The derivative is the full Newton step's, whatever η (see below).
+        headroom = max(1e-12, 16 * float(jnp.finfo(w.x.dtype).eps))
+        eta = jnp.clip(1.0 - mu, self.eta_min, 1.0 - headroom)
         # The step length is a safeguard (which pair reaches the boundary
         # first), like Newton's line search: it carries no derivative.
         # Differentiating it adds Δ ∂α/∂θ with ∂α_max ∝ 1/s_i for a pair
@@ -784,7 +801,17 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         errors = jax.lax.stop_gradient(
             (_kkt_error(res, w, cf), _kkt_error(new_res, new, cf))
         )
-        return new, _Aux(result, aux.d, aux.e, aux.c, *errors)
+        # At the rounding floor of the data's precision the KKT error stops
+        # decreasing above a tolerance it cannot reach (float32, a few hundred
+        # variables: 1e-4, measured in `benchmarks/batched_qp.py`): report
+        # `stalled` instead of running to `max_steps` and blaming the step map.
+        floor = float(jnp.finfo(w.x.dtype).eps) ** 0.5
+        no_progress = (errors[1] > 0.9 * errors[0]) & (errors[1] <= floor)
+        stalls = jnp.where(no_progress, aux.stalls + 1, 0)
+        result = RESULTS.where(
+            (result == RESULTS.successful) & (stalls >= _STALL), RESULTS.stalled, result
+        )
+        return new, _Aux(result, aux.d, aux.e, aux.c, *errors, stalls)
 
     def _certificate(
         self, w: _PrimalDual, qp: QP, aux: _Aux, previous: _PrimalDual
