@@ -46,10 +46,13 @@ from pathlib import Path
 # on CPU (the batched LAPACK kernels wait on XLA's thread pool; spare host
 # devices give the pool spare threads, docs/batches-and-devices.md). The
 # first run of this script hung in its reference computation without them.
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false",
-)
+# Appended to any XLA_FLAGS already set (unless they choose a device count).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (
+        _flags + " --xla_force_host_platform_device_count=4"
+        " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 import jax  # noqa: E402
 

@@ -159,6 +159,19 @@ def test_mixed_precision_under_vmap_matches_single_runs(problem):
         np.testing.assert_allclose(batched[i], single(thetas[i]), rtol=1e-5, atol=1e-9)
 
 
+def test_solve_dtype_narrower_than_the_unknowns_is_refused():
+    """float16 after a float32 solve would be ignored (nothing is cast
+    down): refused with a message instead (found by a new-user trial)."""
+    def x_of(t):
+        return ig.iterate(
+            lambda x, t: 0.5 * x + t, jnp.zeros(2, jnp.float32), t,
+            estimator=ig.Implicit(solve_dtype=jnp.float16),
+        ).value
+
+    with pytest.raises(ValueError, match="narrower than the unknowns"):
+        jax.jacrev(x_of)(jnp.ones(2, jnp.float32))
+
+
 def test_solve_dtype_must_be_floating():
     with pytest.raises(ValueError, match="real floating-point dtype"):
         ig.Implicit(solve_dtype=jnp.int32)

@@ -54,6 +54,7 @@ def implicit_unknowns(
     # over into explicit inputs, so they are differentiated through the
     # custom rule too instead of being silently treated as constants. It
     # traces G at the dtype it will be evaluated in (see `promote`).
+    _check_not_narrower(solve_dtype, root)
     promote = _promoter(solve_dtype)
     condition_fn = eqx.filter_closure_convert(condition_fn, promote(root), promote(theta))
     active = jax.lax.stop_gradient(jnp.asarray(active, bool))
@@ -61,6 +62,24 @@ def implicit_unknowns(
         root, condition_fn, theta, active, linear_solver=linear_solver, tags=tags,
         throw=throw, condition=condition, solve_dtype=solve_dtype,
     )
+
+
+def _check_not_narrower(solve_dtype: Any, root: PyTree[Any]) -> None:
+    """A `solve_dtype` narrower than the unknowns would be a silent no-op
+    (nothing is cast down): refused."""
+    if solve_dtype is None:
+        return
+    target = jnp.dtype(solve_dtype)
+    for leaf in jtu.tree_leaves(root):
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) and (
+            jnp.finfo(leaf.dtype).bits > jnp.finfo(target).bits
+        ):
+            raise ValueError(
+                f"Implicit(solve_dtype={target.name}) is narrower than the unknowns' "
+                f"dtype {leaf.dtype.name}: the system is never solved in a lower "
+                "precision than the forward solve. Use solve_dtype=None, or a wider "
+                "dtype (jnp.float64 after a float32 solve)."
+            )
 
 
 def _promoter(solve_dtype: Any) -> Callable[[PyTree[Any]], PyTree[Any]]:
