@@ -42,17 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-# Before jax is imported: with jaxlib 0.10.x a vmapped batch of QPs can hang
-# on CPU (the batched LAPACK kernels wait on XLA's thread pool; spare host
-# devices give the pool spare threads, docs/batches-and-devices.md). The
-# first run of this script hung in its reference computation without them.
-# Appended to any XLA_FLAGS already set (unless they choose a device count).
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (
-        _flags + " --xla_force_host_platform_device_count=4"
-        " --xla_cpu_multi_thread_eigen=false"
-    ).strip()
+from _host_devices import add_spare_host_devices  # noqa: E402
+
+add_spare_host_devices()  # before jax is imported
 
 import jax  # noqa: E402
 
@@ -88,15 +80,7 @@ def log(msg: str) -> None:
 def batch_of_qps(B: int, n: int, m: int, p: int, dtype) -> ig.QP:
     qps = [ig.problems.random_qp(jr.key(i), n, m, p, dtype=jnp.float64) for i in range(B)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *qps)
-    return cast_floating(stacked, dtype)
-
-
-def cast_floating(tree, dtype):
-    """The floating-point leaves of `tree` cast to `dtype` (a QP also holds
-    integer and boolean fields)."""
-    return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree
-    )
+    return stacked.astype(dtype)
 
 
 def itergrad_layer(estimator):
@@ -139,7 +123,7 @@ def bench(B, n, m, p, dtype_name, repeats, budget_s) -> list[dict]:
     qp = batch_of_qps(B, n, m, p, dtype)
     size = f"B={B}, n={n}, m={m}, p={p}"
     log(f"[{size}, {dtype_name}] reference")
-    qp64 = cast_floating(qp, jnp.float64)
+    qp64 = qp.astype(jnp.float64)
     reference = jax.jit(jax.vmap(qp_reference))(qp64)
 
     sweep = jax.jit(value_and_grad_of(

@@ -33,16 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-# On a CPU, before jax is imported: with jaxlib 0.10.x a vmapped batch of QPs
-# can hang (the batched LAPACK kernels wait on XLA's thread pool; spare host
-# devices give the pool spare threads, docs/batches-and-devices.md).
-# Appended to any XLA_FLAGS already set (unless they choose a device count).
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (
-        _flags + " --xla_force_host_platform_device_count=4"
-        " --xla_cpu_multi_thread_eigen=false"
-    ).strip()
+from _host_devices import add_spare_host_devices  # noqa: E402
+
+add_spare_host_devices()  # before jax is imported
 
 import jax  # noqa: E402
 
@@ -58,12 +51,6 @@ import itergrad as ig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def cast(tree, dtype):
-    return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree
-    )
 
 
 def timed(fn, args, repeats):
@@ -97,7 +84,7 @@ def qp_layer(quick, repeats):
     batch64 = jax.tree.map(lambda *xs: jnp.stack(xs), *qps)
     rows = []
     for dtype in (jnp.float32, jnp.float64):
-        batch = cast(batch64, dtype)
+        batch = batch64.astype(dtype)
         for name, estimator in (("OneStep", ig.OneStep()), ("Implicit", ig.Implicit())):
 
             def solve(qp, b, estimator=estimator):

@@ -51,12 +51,6 @@ CONFIGS = {
 }
 
 
-def cast(tree, dtype):
-    return jax.tree.map(
-        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, tree
-    )
-
-
 def timed(fn, arg, repeats=7):
     out = jax.block_until_ready(fn(arg))
     times = []
@@ -101,10 +95,10 @@ def logistic_cases():
 
 def qp_cases():
     for n in (20, 50, 100):
-        qp64 = cast(cast(ig.problems.random_qp(jr.key(1), n, n // 4, n // 2), jnp.float32), jnp.float64)
+        qp64 = ig.problems.random_qp(jr.key(1), n, n // 4, n // 2).astype(jnp.float32).astype(jnp.float64)
 
         def jacobian_fn(dtype, estimator, tol=None, qp64=qp64):
-            qp = cast(qp64, dtype)
+            qp = qp64.astype(dtype)
             tols = {} if tol is None else {"rtol": tol, "atol": tol}
 
             def x_of(b):

@@ -279,15 +279,8 @@ def test_float32_slacks_stay_positive_to_the_end():
     1 - 16 eps the float32 solve converges (default float32 tolerances) to
     the float64 solution of the same data, and its OneStep derivative to the
     float64 Implicit one."""
-    qp64 = random_qp(jr.key(79), 50, 10, 50)
-    qp64 = jax.tree.map(
-        lambda v: v.astype(jnp.float32).astype(jnp.float64)
-        if jnp.issubdtype(v.dtype, jnp.floating) else v, qp64,
-    )
-    qp32 = jax.tree.map(
-        lambda v: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v,
-        qp64,
-    )
+    qp32 = random_qp(jr.key(79), 50, 10, 50).astype(jnp.float32)
+    qp64 = qp32.astype(jnp.float64)
 
     def solve(qp, b, estimator, **tols):
         sol = ig.solve(
@@ -307,3 +300,15 @@ def test_float32_slacks_stay_positive_to_the_end():
     assert bool(jnp.all(sol32.state.z.s > 0)) and bool(jnp.all(sol32.state.z.z > 0))
     assert relative_error(np.asarray(sol32.value, np.float64), sol64.value) < 1e-4
     assert relative_error(np.asarray(J32, np.float64), J64) < 1e-3
+
+
+def test_astype_casts_floating_fields_and_keeps_masks():
+    qp = QP(Q=jnp.eye(2), q=jnp.ones(2), lb=jnp.array([0.0, -jnp.inf]),
+            ub=jnp.array([jnp.inf, 1.0]))
+    qp32 = qp.astype(jnp.float32)
+    for name in ("Q", "q", "lb", "ub", "A", "b", "G", "h"):
+        assert getattr(qp32, name).dtype == jnp.float32, name
+    for name in ("lb_finite", "ub_finite"):
+        assert getattr(qp32, name).dtype == jnp.bool_
+        np.testing.assert_array_equal(getattr(qp32, name), getattr(qp, name))
+    np.testing.assert_array_equal(qp32.astype(jnp.float64).lb, qp.lb)

@@ -114,11 +114,4 @@ def load_maros_meszaros(
 
 
 def _cast(qp: QP, dtype) -> QP:
-    if dtype is None:
-        return qp
-    import jax.numpy as jnp
-    import jax.tree_util as jtu
-
-    return jtu.tree_map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, qp
-    )
+    return qp if dtype is None else qp.astype(dtype)

@@ -170,6 +170,16 @@ class QP(eqx.Module):
         property of its shapes)."""
         return self.lb.shape[0] > 0
 
+    def astype(self, dtype) -> "QP":
+        """The same QP with its floating-point fields cast to `dtype` (e.g.
+        `jnp.float32` for a float32 QP layer); the boolean masks of the
+        infinite bounds are kept. Works on a batch of QPs stacked along a
+        leading axis too."""
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+            self,
+        )
+
 
 def _check_finite(arrays: dict) -> None:
     """NaN anywhere, or an infinite entry where none makes sense, raise (for

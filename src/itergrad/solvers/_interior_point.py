@@ -708,6 +708,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         qp, w = theta, z
         direction, rs, bs, cf, res = self._newton(w, qp, aux)
         nb = bs.sl.shape[0]
+        eps = float(jnp.finfo(w.x.dtype).eps)  # the data's precision
 
         def products(r: _Sides, b: _Sides):
             pr = jnp.concatenate([jnp.where(cf.hl, r.sl * r.zl, 0.0), jnp.where(cf.hu, r.su * r.zu, 0.0)])
@@ -761,7 +762,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # to 1 in float32: a slack then came out at -2e-19 and the next step
         # was NaN (2 of 128 random QPs with n = 50, `benchmarks/batched_qp.py`).
         # The derivative is the full Newton step's, whatever η (see below).
-        headroom = max(1e-12, 16 * float(jnp.finfo(w.x.dtype).eps))
+        headroom = max(1e-12, 16 * eps)
         eta = jnp.clip(1.0 - mu, self.eta_min, 1.0 - headroom)
         # The step length is a safeguard (which pair reaches the boundary
         # first), like Newton's line search: it carries no derivative.
@@ -805,7 +806,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # decreasing above a tolerance it cannot reach (float32, a few hundred
         # variables: 1e-4, measured in `benchmarks/batched_qp.py`): report
         # `stalled` instead of running to `max_steps` and blaming the step map.
-        floor = float(jnp.finfo(w.x.dtype).eps) ** 0.5
+        floor = eps**0.5
         no_progress = (errors[1] > 0.9 * errors[0]) & (errors[1] <= floor)
         stalls = jnp.where(no_progress, aux.stalls + 1, 0)
         result = RESULTS.where(
