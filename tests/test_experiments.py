@@ -124,3 +124,31 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     _report.write_csv(path, [{"a": 2, "b": 1e-300}], ["a", "b"])
     assert _report.read_csv(path) == [{"a": 2, "b": 1e-300}]
     assert [p.name for p in tmp_path.iterdir()] == ["x.csv"]
+
+
+def test_interrupted_fig3_resumes_from_its_finished_sizes(tmp_path, monkeypatch):
+    # Figure 3 checkpoints after each problem size: a run that dies at the
+    # logistic sizes keeps the QP rows, and the next run (same settings) reuses
+    # them without recomputing any QP size.
+    from itergrad.experiments import _fig3
+
+    def interrupted(*args, **kwargs):
+        raise RuntimeError("interrupted here")
+
+    args = ["reproduce", "--tiny", "--out", str(tmp_path), "--only", "fig3"]
+    with monkeypatch.context() as patch:
+        patch.setattr(_fig3, "_logistic_case", interrupted)
+        assert main(args) == 1
+    partial = tmp_path / "fig3.partial.csv"
+    assert not (tmp_path / "fig3.csv").exists()
+    qp_rows = _report.read_csv(partial)
+    assert {r["problem"] for r in qp_rows} == {"qp"}
+    assert len(qp_rows) == len(_fig3.METHODS)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_fig3, "_qp_case", interrupted)  # a recomputed QP size would fail
+        assert main(args) == 0
+    rows = _report.read_csv(tmp_path / "fig3.csv")
+    assert [r for r in rows if r["problem"] == "qp"] == qp_rows
+    assert {r["problem"] for r in rows} == {"qp", "logistic"}
+    assert not partial.exists() and not (tmp_path / "fig3.partial.json").exists()

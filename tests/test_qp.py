@@ -312,3 +312,62 @@ def test_astype_casts_floating_fields_and_keeps_masks():
         assert getattr(qp32, name).dtype == jnp.bool_
         np.testing.assert_array_equal(getattr(qp32, name), getattr(qp, name))
     np.testing.assert_array_equal(qp32.astype(jnp.float64).lb, qp.lb)
+
+
+def _rank_deficient_box_qp():
+    """A QP with singular P (rank 4 of 12) and the box -1 <= x <= 1 as rows of
+    G, plus two equalities: the regularised (1,1) block of the dual path is
+    then ill conditioned (1/δ in the null space of P)."""
+    n = 12
+    U = jr.normal(jr.PRNGKey(11), (n, 4))
+    return QP(U @ U.T, jr.normal(jr.PRNGKey(12), (n,)),
+              A=jr.normal(jr.PRNGKey(13), (2, n)), b=jnp.array([0.3, -0.2]),
+              G=jnp.concatenate([jnp.eye(n), -jnp.eye(n)]), h=jnp.ones(2 * n))
+
+
+@pytest.mark.parametrize("kind", ["random", "singular_P"])
+def test_dual_and_primal_kkt_reductions_agree(kind):
+    # The two factorisations of the same regularised Newton system, each refined
+    # against the true matrix: solutions and both estimators' gradients agree.
+    qp = random_qp(jr.PRNGKey(5), 30, 6, 12) if kind == "random" else _rank_deficient_box_qp()
+
+    def gradients(reduction):
+        solver = ig.InteriorPointQP(kkt_reduction=reduction)
+
+        def loss(qp, estimator):
+            sol = ig.solve(solver, None, qp, estimator=estimator, throw=False, **TOL)
+            return 0.5 * jnp.dot(sol.value, sol.value), sol
+
+        out = {}
+        for name, estimator in (("os", ig.OneStep()), ("id", ig.Implicit())):
+            g, sol = eqx.filter_jit(eqx.filter_grad(loss, has_aux=True))(qp, estimator)
+            assert sol.result == ig.RESULTS.successful, (reduction, name)
+            out[name] = g
+        return sol.value, out
+
+    x_primal, g_primal = gradients("primal")
+    x_dual, g_dual = gradients("dual")
+    assert relative_error(x_dual, x_primal) < 1e-9
+    for name in ("os", "id"):
+        for field in ("q", "b", "h"):
+            a, b = getattr(g_dual[name], field), getattr(g_primal[name], field)
+            assert relative_error(a, b) < 1e-8, (name, field)
+    # And the dual path's Implicit against central differences in b.
+    fd = central_difference_jacobian(
+        lambda b: 0.5 * jnp.sum(ig.solve(ig.InteriorPointQP(kkt_reduction="dual"), None,
+                                         eqx.tree_at(lambda t: t.b, qp, b), **TOL).value ** 2),
+        qp.b)
+    assert relative_error(g_dual["id"].b, fd) < FD_TOL
+
+
+def test_kkt_reduction_is_checked():
+    with pytest.raises(ValueError, match="kkt_reduction"):
+        ig.InteriorPointQP(kkt_reduction="schur")
+    boxed = QP(jnp.eye(2), jnp.ones(2), lb=-jnp.ones(2), ub=jnp.ones(2),
+               A=jnp.ones((1, 2)), b=jnp.zeros(1))
+    with pytest.raises(ValueError, match="without bounds"):
+        ig.solve(ig.InteriorPointQP(kkt_reduction="dual"), None, boxed)
+    # `auto` takes the primal path (bounds) and solves it: on x1 + x2 = 0 the
+    # linear term vanishes, so x = 0.
+    sol = ig.solve(ig.InteriorPointQP(), None, boxed)
+    np.testing.assert_allclose(sol.value, [0.0, 0.0], atol=1e-8)

@@ -11,7 +11,9 @@ settings) and `<name>.png`; `report.md` collects one section per experiment
 whose CSV is in `--out`. A CSV already in `--out` and made with the same
 size profile, seed and data is reused (figure and report section are redrawn
 from it) unless `--force`. Every file is written atomically, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped; a long experiment also saves its
+finished parts (`<name>.partial.csv`, e.g. Figure 3 after each problem size),
+which a resumed run with the same settings reuses.
 """
 
 import argparse
@@ -41,6 +43,18 @@ EXPERIMENTS = {
     "fig4": "._fig4",
     "table2": "._table2",
     "bilevel": "._bilevel_run",
+}
+
+
+# Seconds each experiment took on the reference machine (2-core CPU, see
+# docs/reproduce.md), per size profile: the weights of the overall progress
+# bar, so that its "time left" accounts for Figure 3 costing far more than
+# Figure 2. Only the ratios matter; the estimate scales with the speed
+# measured during the run.
+EXPECTED_SECONDS = {
+    "tiny": {"fig2": 5, "fig3": 15, "fig4": 10, "table2": 10, "bilevel": 5},
+    "quick": {"fig2": 15, "fig3": 95, "fig4": 30, "table2": 32, "bilevel": 20},
+    "full": {"fig2": 60, "fig3": 900, "fig4": 300, "table2": 300, "bilevel": 60},
 }
 
 
@@ -154,6 +168,7 @@ def reproduce(args) -> int:
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     out: Path = args.out
@@ -167,29 +182,64 @@ def reproduce(args) -> int:
     console = Console(stderr=True)
     failures = []
     start_all = time.perf_counter()
+
+    def reusable(name):
+        old_meta = read_meta(out / f"{name}.json")
+        matching = all(old_meta.get(k) == v for k, v in settings.items())
+        return (out / f"{name}.csv").exists() and matching and not args.force
+
+    weights = EXPECTED_SECONDS[profile]
+    pending = [name for name in names if not reusable(name)]
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+        console=console, transient=False,
     ) as progress:
-        for name in names:
+        # The overall bar counts expected seconds (EXPECTED_SECONDS), so its
+        # "left" is the remaining expected work at the speed seen so far.
+        overall = progress.add_task("all", total=sum(weights[n] for n in pending))
+        done_weight = 0.0
+        for position, name in enumerate(names, 1):
             module = _module(name)
             csv_path, meta_path = out / f"{name}.csv", out / f"{name}.json"
-            old_meta = read_meta(meta_path)
-            matching = all(old_meta.get(k) == v for k, v in settings.items())
-            if csv_path.exists() and matching and not args.force:
+            if reusable(name):
                 progress.console.print(f"[dim]{name}: reusing {csv_path}[/dim]")
                 continue
-            if csv_path.exists() and not matching and not args.force:
+            if csv_path.exists() and not args.force:
+                old_meta = read_meta(meta_path)
                 progress.console.print(
                     f"{name}: {csv_path} was made with other settings "
                     f"({ {k: old_meta.get(k) for k in settings} }); recomputing."
                 )
-            task = progress.add_task(name, total=None)
+            task = progress.add_task(f"{name} ({position}/{len(names)})", total=None)
+            partial_csv, partial_meta = out / f"{name}.partial.csv", out / f"{name}.partial.json"
+            resume_rows = []
+            if partial_csv.exists() and not args.force and read_meta(partial_meta) == settings:
+                resume_rows = read_csv(partial_csv)
+                progress.console.print(
+                    f"[dim]{name}: resuming from {len(resume_rows)} finished rows in "
+                    f"{partial_csv}[/dim]")
+
+            def checkpoint(rows, module=module, partial_csv=partial_csv,
+                           partial_meta=partial_meta):
+                write_meta(partial_meta, settings)
+                write_csv(partial_csv, rows, module.COLUMNS)
+
+            units = {"total": None}
+
+            def advance(task=task, name=name, units=units):
+                progress.advance(task)
+                if units["total"]:
+                    progress.advance(overall, weights[name] / units["total"])
+
+            def set_total(total, task=task, units=units):
+                units["total"] = total
+                progress.update(task, total=total)
+
             ctx = Context(
                 out=out, profile=profile, seed=args.seed, data=args.data,
-                advance=lambda task=task: progress.advance(task),
-                set_total=lambda total, task=task: progress.update(task, total=total),
-                log=progress.console.print,
+                advance=advance, set_total=set_total, log=progress.console.print,
+                resume_rows=resume_rows, checkpoint=checkpoint,
             )
             started = time.perf_counter()
             try:
@@ -197,13 +247,26 @@ def reproduce(args) -> int:
             except Exception:  # one failed experiment must not lose the others
                 progress.console.print(f"[red]{name} failed:[/red]\n{traceback.format_exc()}")
                 failures.append(name)
+                rows = None
+            done_weight += weights[name]
+            progress.update(overall, completed=done_weight)
+            if rows is None:
                 continue
             meta = {**meta, **settings, "seconds": time.perf_counter() - started,
                     "notes": ctx.notes}
             # The JSON first, then the CSV: the CSV's presence marks completion.
             write_meta(meta_path, meta)
             write_csv(csv_path, rows, module.COLUMNS)
+            for path in (partial_csv, partial_meta):
+                path.unlink(missing_ok=True)
             progress.update(task, description=f"{name} ✓")
+            if not console.is_terminal:
+                # No live bar in a log file: one line per experiment instead.
+                elapsed = time.perf_counter() - start_all
+                left = elapsed * (progress.tasks[overall].total - done_weight) / done_weight
+                progress.console.print(
+                    f"{name} done in {meta['seconds']:.0f} s; {elapsed / 60:.1f} min so far, "
+                    f"about {left / 60:.1f} min left")
     _render(out, names, console)
     console.print(
         f"itergrad reproduce ({profile}): {len(names) - len(failures)}/{len(names)} "

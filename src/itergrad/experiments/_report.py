@@ -24,7 +24,9 @@ STYLE: dict[str, dict[str, Any]] = {
     "None": dict(color="0.35", marker="s"),
     "Autodiff": dict(color="tab:blue", marker="o"),
     "Autodiff (forward)": dict(color="tab:cyan", marker="v"),
+    "Autodiff (all states)": dict(color="tab:blue", marker="o", linestyle=":"),
     "Implicit": dict(color="tab:orange", marker="^"),
+    "Implicit (matrix-free)": dict(color="tab:brown", marker="v", linestyle="--"),
     "One step": dict(color="tab:green", marker="D"),
     "Truncated": dict(color="tab:red", marker="P"),
     "Closed form": dict(color="black", marker=""),
@@ -43,6 +45,11 @@ class Context:
     - `data`: a LibSVM file for the ridge experiment, or `None`.
     - `advance`: called once per unit of work (drives the progress bar).
     - `log`: prints a line above the progress bar.
+    - `resume_rows`: rows of an interrupted earlier run with the same
+      settings (empty otherwise); an experiment that checkpoints skips the
+      work they cover.
+    - `checkpoint`: saves the rows finished so far, so that an interrupted
+      run loses at most the unit of work in progress.
     """
 
     out: Path
@@ -53,6 +60,8 @@ class Context:
     set_total: Callable[[int], None] = lambda total: None
     log: Callable[[str], None] = print
     notes: list[str] = field(default_factory=list)
+    resume_rows: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Callable[[list[dict[str, Any]]], None] = lambda rows: None
 
     def pick(self, tiny: Any, quick: Any, full: Any) -> Any:
         """The setting for the current profile."""
@@ -147,19 +156,25 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
-def time_compiled(fn: Callable, *args: Any, repeats: int) -> tuple[float, float, Any]:
-    """`(median, std, output)` of the wall-clock seconds of `fn(*args)` over
-    `repeats` calls, after one warm-up call that compiles (excluded).
-
-    The median, not the mean: on a shared machine one descheduled call can
-    take 100x longer and would dominate a mean over a few repeats."""
+def time_samples(fn: Callable, *args: Any, repeats: int) -> tuple[np.ndarray, Any]:
+    """`(seconds, output)`: the wall-clock seconds of each of `repeats` calls of
+    `fn(*args)`, after one warm-up call that compiles (excluded)."""
     output = block(fn(*args))
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         block(fn(*args))
         times.append(time.perf_counter() - start)
-    times = np.asarray(times)
+    return np.asarray(times), output
+
+
+def time_compiled(fn: Callable, *args: Any, repeats: int) -> tuple[float, float, Any]:
+    """`(median, std, output)` of the wall-clock seconds of `fn(*args)` over
+    `repeats` calls, after one warm-up call that compiles (excluded).
+
+    The median, not the mean: on a shared machine one descheduled call can
+    take 100x longer and would dominate a mean over a few repeats."""
+    times, output = time_samples(fn, *args, repeats=repeats)
     return float(np.median(times)), float(times.std()), output
 
 

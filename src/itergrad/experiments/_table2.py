@@ -6,6 +6,7 @@ grow, on the linear contraction $F(x, \\theta) = A x + B\\theta + c$
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import lineax as lx
 import numpy as np
 
 import itergrad as ig
@@ -27,10 +28,16 @@ COLUMNS = [
     "sweep", "k", "n", "m", "estimator", "time_median", "time_std", "temp_bytes",
     "argument_bytes", "output_bytes",
 ]
-ESTIMATORS = ("Forward algorithm", "AD reverse", "AD forward", "Implicit", "One step")
+ESTIMATORS = ("Forward algorithm", "AD reverse", "AD reverse (all states)", "AD forward",
+              "Implicit", "Implicit (matrix-free)", "One step")
 _STYLE_OF = {"Forward algorithm": "None", "AD reverse": "Autodiff",
+             "AD reverse (all states)": "Autodiff (all states)",
              "AD forward": "Autodiff (forward)", "Implicit": "Implicit",
-             "One step": "One step"}
+             "Implicit (matrix-free)": "Implicit (matrix-free)", "One step": "One step"}
+# The matrix-free implicit row solves (I - A^T) u = v with GMRES: about
+# log(1e-12) / log(||A||) = 40 products with A^T at ||A|| = 0.5, whatever n.
+_GMRES_TOL = 1e-12
+_GMRES_PRODUCTS = 40
 # Accepted gap between a measured and a predicted exponent.
 TIME_TOL, MEMORY_TOL = 0.4, 0.3
 
@@ -42,21 +49,29 @@ def _predicted_time(name, k, n, m):
     return k * c_f + {
         "Forward algorithm": 0.0,
         "AD reverse": k * c_f,
+        "AD reverse (all states)": k * c_f,
         "AD forward": k * c_f * m,
         "Implicit": c_f * n + n**3,
+        "Implicit (matrix-free)": c_f * _GMRES_PRODUCTS,
         "One step": c_f,
     }[name]
 
 
 def _predicted_memory(name, k, n, m):
-    return {"Forward algorithm": n, "AD reverse": k * n, "AD forward": n + m,
-            "Implicit": n, "One step": n}[name]
+    return {"Forward algorithm": n, "AD reverse": k * n, "AD reverse (all states)": k * n,
+            "AD forward": n + m,
+            "Implicit": n, "Implicit (matrix-free)": n, "One step": n}[name]
 
 
 def _function(name, k):
     estimator = {"Forward algorithm": ig.Unroll("forward"), "AD reverse": ig.Unroll("reverse"),
+                 # Table 2's reverse mode: every one of the k states stored.
+                 "AD reverse (all states)": ig.Unroll("reverse", checkpoints=k),
                  "AD forward": ig.Unroll("forward"),
                  "Implicit": ig.Implicit(condition="fixed_point"),
+                 "Implicit (matrix-free)": ig.Implicit(
+                     condition="fixed_point",
+                     linear_solver=lx.GMRES(rtol=_GMRES_TOL, atol=_GMRES_TOL)),
                  "One step": ig.OneStep()}[name]
 
     def loss(theta, A, B, c):
@@ -182,13 +197,17 @@ def section(rows, meta):
 
     claims = []
     for name, var, which, text in (
-        ("AD reverse", "k", "memory", "reverse AD memory grows like k n"),
+        ("AD reverse (all states)", "k", "memory", "reverse AD memory grows like k n"),
         ("One step", "k", "memory", "one-step memory does not grow with k"),
         ("Implicit", "k", "memory", "implicit memory does not grow with k"),
         ("AD forward", "m", "time", "forward AD time grows like m (k ω C_F m)"),
         ("One step", "k", "time", "one-step costs the solve plus one step (slope in k = 1)"),
         ("Implicit", "n", "time", "implicit time grows like n³ (ω C_F n + n³)"),
         ("Implicit", "n", "memory", "implicit memory is n (Table 2)"),
+        ("Implicit (matrix-free)", "n", "memory",
+         "implicit memory is n (Table 2), with a matrix-free (GMRES) solve"),
+        ("Implicit (matrix-free)", "k", "memory",
+         "matrix-free implicit memory does not grow with k"),
     ):
         held, measured = check(name, var, which)
         claims.append((text, f"{which} slope in {var}", measured, held))
@@ -201,11 +220,14 @@ sweep varies one of k, n, m. Predicted slopes are log-log fits of Table 2's
 formula (with C_F = n² + nm, ω = 1, plus the k C_F solve that every measured
 gradient includes) on the same grid; a slope "held" within {TIME_TOL} (time) or
 {MEMORY_TOL} (memory). At small sizes fixed overheads flatten measured slopes.
-Implicit differentiation here forms the n × n Jacobian and factorises it
-(dense LU, as Appendix B.1 does), so its memory is n², not Table 2's n (which
-assumes a matrix-free VJP solve); itergrad's `Unroll("reverse")` is a
-checkpointed loop (equinox), so its memory grows sublinearly in k where
-Table 2 assumes all k states stored; the piggyback recursion row of Table 2 is not
+The "Implicit" row forms the n × n Jacobian and factorises it (dense LU, as
+Appendix B.1 does, itergrad's default), so its memory is n², not Table 2's n;
+"Implicit (matrix-free)" is `Implicit(linear_solver=lineax.GMRES(...))`, which
+solves with vector-Jacobian products only (Table 2's assumption: memory n,
+time of about {_GMRES_PRODUCTS} products with Aᵀ here); itergrad's `Unroll("reverse")` is a
+checkpointed loop (equinox) storing about √k states by default, so its
+memory grows sublinearly in k; "AD reverse (all states)" is
+`Unroll("reverse", checkpoints=k)`, every state stored, Table 2's assumption; the piggyback recursion row of Table 2 is not
 measured (no itergrad estimator implements it).
 
 {claims_table(claims)}

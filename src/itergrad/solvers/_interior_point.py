@@ -68,15 +68,71 @@ class _Aux(eqx.Module):
     error: Float[Array, ""]
     # Consecutive steps without progress near the rounding floor (`_STALL`).
     stalls: Int[Array, ""]
+    # The dual Schur path (`_DualFactor`), computed once by `init` for a QP
+    # without bounds: the inverse of the Cholesky factor of the regularised P
+    # (n x n) and the Gram matrix K A^{-1} K^T of the rows (r x r). Empty
+    # (0 x 0) on the primal path, so that the path is a static property of
+    # the shapes.
+    p_factor_inv: Float[Array, "n n"]
+    row_gram: Float[Array, "r r"]
+
+
+class _SymmetricPart(eqx.Module):
+    """$P = (Q + Q^\top)/2$, applied without forming it: $Px = (Qx + x^\top Q)/2$.
+
+    ½xᵀQx only sees the symmetric part of Q; using it everywhere keeps the
+    step, the optimality condition and their derivatives with respect to an
+    arbitrary (non-symmetric) perturbation of Q consistent with the objective.
+    Forming it would cost a pass over an n × n matrix in every step (as much
+    as a Cholesky factorisation at n = 1000 on a CPU)."""
+
+    Q: Array
+
+    def mv(self, x: Array) -> Array:
+        return 0.5 * (self.Q @ x + x @ self.Q)
+
+    def dense(self) -> Array:
+        return 0.5 * (self.Q + self.Q.T)
+
+
+class _StackedRows(eqx.Module):
+    """The rows $K = [A; G; C]$, applied block by block, without forming
+    (copying) $K$ in every step: `mv(x)` is $Kx$, `rmv(v)` is $K^\top v$
+    (computed as $v^\top K$: XLA on CPU copies a transposed operand)."""
+
+    blocks: tuple[Array, ...]
+    n: int = eqx.field(static=True)
+
+    @property
+    def rows(self) -> int:
+        return sum(B.shape[0] for B in self.blocks)
+
+    def mv(self, x: Array) -> Array:
+        if not self.blocks:
+            return jnp.zeros((0,), x.dtype)
+        return jnp.concatenate([B @ x for B in self.blocks])
+
+    def rmv(self, v: Array) -> Array:
+        out = jnp.zeros((self.n,), v.dtype)
+        start = 0
+        for B in self.blocks:
+            out = out + v[start:start + B.shape[0]] @ B
+            start += B.shape[0]
+        return out
+
+    def dense(self, dtype) -> Array:
+        if not self.blocks:
+            return jnp.zeros((0, self.n), dtype)
+        return jnp.concatenate(self.blocks)
 
 
 class _Canonical(eqx.Module):
     """Every constraint of the QP as rows $L \\le Kx \\le U$ with masks, plus
     the bounds: the one form the Newton step works on. `K = [A; G; C]`."""
 
-    P: Array
+    P: _SymmetricPart
     q: Array
-    K: Array
+    K: _StackedRows
     L: Array
     U: Array
     eq: Bool[Array, " r"]
@@ -87,13 +143,6 @@ class _Canonical(eqx.Module):
     beq: Bool[Array, " nb"]
     bhl: Bool[Array, " nb"]
     bhu: Bool[Array, " nb"]
-
-
-def _symmetric(Q: Array) -> Array:
-    # ½xᵀQx only sees the symmetric part of Q; using it everywhere keeps the
-    # step, the optimality condition and their derivatives with respect to an
-    # arbitrary (non-symmetric) perturbation of Q consistent with the objective.
-    return 0.5 * (Q + Q.T)
 
 
 def _masks(lo, hi, lo_fin, hi_fin):
@@ -108,9 +157,9 @@ def _canonical(qp: QP) -> _Canonical:
     ceq, chl, chu = _masks(qp.l, qp.u, qp.l_finite, qp.u_finite)
     beq, bhl, bhu = _masks(qp.lb, qp.ub, qp.lb_finite, qp.ub_finite)
     return _Canonical(
-        P=_symmetric(qp.Q),
+        P=_SymmetricPart(qp.Q),
         q=qp.q,
-        K=jnp.concatenate([qp.A, qp.G, qp.C]),
+        K=_StackedRows(tuple(B for B in (qp.A, qp.G, qp.C) if B.shape[0]), n),
         L=jnp.concatenate([qp.b, f((p,), dt), qp.l]),
         U=jnp.concatenate([qp.b, qp.h, qp.u]),
         eq=jnp.concatenate([t((m,), bool), f((p,), bool), ceq]),
@@ -179,11 +228,11 @@ def kkt_residual(w: _PrimalDual, qp: QP) -> _KKTResidual:
     rs, bs = _row_sides(w), w.bounds
     lam = _multiplier(rs, cf.eq, cf.hl, cf.hu)
     blam = _multiplier(bs, cf.beq, cf.bhl, cf.bhu)
-    Px = cf.P @ w.x
-    dual = Px + cf.q + cf.K.T @ lam
+    Px = cf.P.mv(w.x)
+    dual = Px + cf.q + cf.K.rmv(lam)
     if blam.size:
         dual = dual + blam
-    rows, viol = _side_residual(cf.K @ w.x, cf.L, cf.U, cf.eq, cf.hl, cf.hu, rs)
+    rows, viol = _side_residual(cf.K.mv(w.x), cf.L, cf.U, cf.eq, cf.hl, cf.hu, rs)
     if bs.sl.size:
         bounds, bviol = _side_residual(w.x, cf.bL, cf.bU, cf.beq, cf.bhl, cf.bhu, bs)
     else:
@@ -218,49 +267,103 @@ def _max_step(v: Array, dv: Array) -> Scalar:
 
 
 class _Augmented(eqx.Module):
-    """The symmetric quasi-definite Newton matrix
-    $\\begin{pmatrix} H & \\tilde K^\\top \\\\ \\tilde K & -E\\end{pmatrix}$
-    in $(\\Delta x, \\Delta\\tilde\\lambda)$, applied matrix-free."""
+    r"""The symmetric quasi-definite Newton matrix
+    $egin{pmatrix} H & 	ilde K^	op \ 	ilde K & -E\end{pmatrix}$
+    in $(\Delta x, \Delta	ilde\lambda)$, applied matrix-free from its
+    factors: $H = \Pi P \Pi + \mathrm{diag}(h)$ and $	ilde K = C K \Pi$, with
+    $\Pi = \mathrm{diag}(\mathrm{keep})$ removing fixed variables and
+    $C = \mathrm{diag}(c_s)$ the row scaling. Nothing of size $n^2$ or
+    $n r$ is formed per step (each such elementwise pass costs as much as a
+    Cholesky factorisation at n = 1000)."""
 
-    H: Array
-    K: Array
+    P: _SymmetricPart
+    h: Array
+    keep: Array | None  # None: no fixed variables
+    K: _StackedRows
+    cs: Array
     E: Array
 
+    def _masked(self, u):
+        return u if self.keep is None else jnp.where(self.keep, u, 0.0)
+
     def mv(self, u):
-        n = self.H.shape[0]
+        n = self.h.shape[0]
         ux, ul = u[:n], u[n:]
-        return jnp.concatenate([self.H @ ux + self.K.T @ ul, self.K @ ux - self.E * ul])
+        uk = self._masked(ux)
+        top = self._masked(self.P.mv(uk) + self.K.rmv(self.cs * ul)) + self.h * ux
+        return jnp.concatenate([top, self.cs * self.K.mv(uk) - self.E * ul])
+
+
+class _PrimalFactor(eqx.Module):
+    r"""The regularised augmented system solved through the $n 	imes n$
+    reduced matrix $N = H_\delta + 	ilde K^	op E_r^{-1} 	ilde K$ (one
+    Cholesky factor `chol`): $u_1 = N^{-1}(r_1 + 	ilde K^	op E_r^{-1} r_2)$,
+    $u_2 = E_r^{-1}(	ilde K u_1 - r_2)$, with $	ilde K = C K \Pi$ applied
+    from `matrix` (an `_Augmented`). Cost per step: forming $N$ ($n^2 r$)
+    and factorising it ($n^3/3$)."""
+
+    chol: Array
+    matrix: _Augmented
+    Einv: Array
+
+    def solve(self, r):
+        a, n = self.matrix, self.chol.shape[0]
+        r1, r2 = r[:n], r[n:]
+        u1 = jsl.cho_solve((self.chol, True), r1 + a._masked(a.K.rmv(a.cs * self.Einv * r2)))
+        return jnp.concatenate([u1, self.Einv * (a.cs * a.K.mv(a._masked(u1)) - r2)])
+
+
+class _DualFactor(eqx.Module):
+    r"""The regularised augmented system solved through the $r 	imes r$
+    dual Schur complement $S = E_r + C (K A^{-1} K^	op) C$, for a QP without
+    bounds, where $A = P + \delta$ does not change between steps: the inverse
+    $L_A^{-1}$ of its Cholesky factor and the Gram matrix $K A^{-1} K^	op$
+    are computed once by `init`, so a step only forms and factorises $S$
+    ($r^3/3$, no $n^2 r$ product). With $y = A^{-1} r_1$:
+    $u_2 = S^{-1}(	ilde K y - r_2)$, $u_1 = A^{-1}(r_1 - 	ilde K^	op u_2)$
+    ($	ilde K = C K$), $A^{-1} v = L_A^{-	op} (L_A^{-1} v)$ by two
+    matrix-vector products (three times faster than triangular solves on a
+    CPU, and the transposed solve made XLA copy the factor every step)."""
+
+    p_factor_inv: Array
+    s_factor: Array
+    K: _StackedRows
+    cs: Array
+
+    def _p_solve(self, v):
+        return (self.p_factor_inv @ v) @ self.p_factor_inv
+
+    def solve(self, r):
+        n = self.p_factor_inv.shape[0]
+        r1, r2 = r[:n], r[n:]
+        y = self._p_solve(r1)
+        u2 = jsl.cho_solve((self.s_factor, True), self.cs * self.K.mv(y) - r2)
+        u1 = self._p_solve(r1 - self.K.rmv(self.cs * u2))
+        return jnp.concatenate([u1, u2])
 
 
 class _QuasiDefiniteCholesky(lx.AbstractLinearSolver):
-    """Solves the augmented system through the Cholesky factor of the
-    regularised reduced matrix $N = H + \\delta_x + \\tilde K^\\top E_r^{-1}
-    \\tilde K$ ($n \\times n$), then `refinement_steps` steps of iterative
-    refinement against the true matrix. The state is built by
-    `_factorise`; the matrix is symmetric, so transposing is free."""
+    """Solves the augmented system with a factorisation of its regularised
+    version (`_PrimalFactor` or `_DualFactor`), then `refinement_steps` steps
+    of iterative refinement against the true matrix. The state is
+    `(factor, true)`, built by `InteriorPointQP._newton`; the matrix is
+    symmetric, so transposing is free."""
 
     refinement_steps: int = eqx.field(static=True, default=2)
 
     def init(self, operator, options):
-        raise NotImplementedError("build the state with `_factorise`")
+        raise NotImplementedError("build the state with `InteriorPointQP._newton`")
 
     def compute(self, state, vector, options):
-        chol, K, Einv, true = state
-        n = chol.shape[0]
-
-        def reg_solve(r):
-            r1, r2 = r[:n], r[n:]
-            u1 = jsl.cho_solve((chol, True), r1 + K.T @ (Einv * r2))
-            return jnp.concatenate([u1, Einv * (K @ u1 - r2)])
-
+        factor, true = state
         # A loop, not unrolled Python: the step is traced several times per
         # solve (init, loop body, the differentiated last step, the error
         # estimate), and unrolled refinement made up a third of its compile
         # time.
         u = jax.lax.fori_loop(
             0, self.refinement_steps,
-            lambda _, u: u + reg_solve(vector - true.mv(u)),
-            reg_solve(vector),
+            lambda _, u: u + factor.solve(vector - true.mv(u)),
+            factor.solve(vector),
         )
         return u, lx.RESULTS.successful, {}
 
@@ -292,9 +395,14 @@ def _cholesky(N: Array) -> Array:
     $10^{-12}$ shift cost the one-step derivative 4e-6 on a random QP."""
     diag = jnp.diag(N)
     shifts = jnp.asarray([0.0, 1e-12, 1e-8, 1e-4], N.dtype)
+    index = jnp.diag_indices(N.shape[0])
 
     def attempt(i):
-        return jnp.linalg.cholesky(N + jnp.diag(shifts[i] * diag))
+        # N is symmetric by construction and LAPACK reads one triangle:
+        # `jnp.linalg.cholesky`'s symmetrisation, (N + Nᵀ)/2, would be one
+        # more pass over N per step.
+        shifted = N if isinstance(i, int) else N.at[index].add(shifts[i] * diag)
+        return jax.lax.linalg.cholesky(shifted, symmetrize_input=False)
 
     def failed(L):
         return ~jnp.all(jnp.isfinite(jnp.diag(L)))
@@ -310,7 +418,7 @@ def _cholesky(N: Array) -> Array:
     _, L = jax.lax.while_loop(
         lambda carry: failed(carry[1]) & (carry[0] < shifts.shape[0] - 1),
         retry,
-        (jnp.asarray(0), attempt(0)),
+        (jnp.asarray(0), attempt(0)),  # the unshifted N: no pass to add a zero shift
     )
     return L
 
@@ -404,7 +512,11 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     matrix: cost $n^3/3 + r n^2$ per step for $r$ rows, shared by predictor,
     corrector and every derivative of the step (`itergrad._linear_solve`,
     with the refinement inside the solver so that the derivative solves are
-    refined too).
+    refined too). Without bounds and with $r \\le n$ rows, the (1,1) block
+    $P + \\delta$ is the same at every step: `init` factorises it once and
+    forms $M = K (P + \\delta)^{-1} K^\\top$, and each step factorises the
+    $r \\times r$ dual Schur complement $E + C M C$ instead ($r^3/3$ per step,
+    no $n^2 r$ product; `kkt_reduction`).
 
     **Scaling.** `init` computes a Ruiz equilibration of
     $\\begin{pmatrix} P & K^\\top \\\\ K & 0\\end{pmatrix}$ and a cost scaling
@@ -443,6 +555,11 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
       smaller shifts are lost to rounding and the iterates stall or diverge),
       removed by the refinement.
     - `refinement_steps`: iterative refinement steps per solve (default 3).
+    - `kkt_reduction`: which Schur complement of the Newton system is
+      factorised: `"primal"` ($n \\times n$, every step), `"dual"`
+      ($r \\times r$, QPs without bounds only) or `"auto"` (default: dual
+      when there are no bounds and $0 < r \\le n$). Both solve the same
+      regularised system, refined against the same true matrix.
     - `infeasibility_tol`: tolerance of the Farkas certificates checked after
       every step: primal infeasibility when the multipliers
       $\\lambda$ satisfy $K^\\top\\lambda + \\lambda_b \\approx 0$ with
@@ -470,6 +587,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     factorization_regularization: float | None = None
     refinement_steps: int = 3
     infeasibility_tol: float | None = None
+    kkt_reduction: str = eqx.field(static=True, default="auto")
 
     superlinear: ClassVar[bool] = True
 
@@ -483,6 +601,11 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                 "InteriorPointQP(factorization_regularization=...)",
             )
         nonnegative_int(self.refinement_steps, "InteriorPointQP(refinement_steps=...)")
+        if self.kkt_reduction not in ("auto", "primal", "dual"):
+            raise ValueError(
+                "InteriorPointQP(kkt_reduction=...) must be 'auto', 'primal' or 'dual', "
+                f"got {self.kkt_reduction!r}."
+            )
         if self.infeasibility_tol is not None:
             positive_float(
                 self.infeasibility_tol, "InteriorPointQP(infeasibility_tol=...)"
@@ -525,7 +648,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         dt = qp.Q.dtype
         x = w.x
         rs, bs = _row_sides(w), w.bounds
-        v = cf.K @ x
+        v = cf.K.mv(x)
         res = kkt_residual(w, qp)
         nb = bs.sl.shape[0]
         dual = res.dual
@@ -557,21 +680,35 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # Equalities: E = 0 up to the safeguard shift, in Ruiz-scaled units
         # (E = δ c / e² is a shift δ of the scaled matrix).
         E = jnp.where(ineq, jnp.minimum(1.0, E0), jnp.where(cf.eq, regularization * c / e**2, 1.0))
-        H = jnp.where(fixed[None, :] | fixed[:, None], 0.0, cf.P + jnp.diag(DB))
-        H = H + jnp.diag(jnp.where(fixed, 1.0, regularization / (c * d**2)))
-        Kc = jnp.where(fixed[None, :], 0.0, cs[:, None] * cf.K)
-        true = _Augmented(H, Kc, E)
+        keep = ~fixed if nb else None
+        h = jnp.where(fixed, 1.0, DB + regularization / (c * d**2))
+        true = _Augmented(cf.P, h, keep, cf.K, cs, E)
         # The factorisation: proximal shifts δ_f in scaled units, removed by the
         # refinement; computed on stopped values (the derivative never goes
         # through it, see `itergrad._linear_solve`).
-        Hs, Ks, Es = jax.lax.stop_gradient((H, Kc, E))
+        stopped = jax.lax.stop_gradient(true)
         delta = factorization_regularization
         # Every row gets at least the proximal shift: active inequalities tend
         # to equalities (E → 0) and are treated alike.
-        Einv = 1.0 / jnp.maximum(Es, delta * c / e**2)
-        N = Hs + jnp.diag(delta / (c * d**2)) + (Ks.T * Einv) @ Ks
-        chol = _cholesky(N)
-        state = (chol, Ks, Einv, jax.lax.stop_gradient(true))
+        E_reg = jnp.maximum(stopped.E, delta * c / e**2)
+        if aux.p_factor_inv.size:
+            # Without bounds, P + δ is the same matrix at every step: see
+            # `_DualFactor`. (C K A⁻¹ Kᵀ C = C M C, with M from `init`.)
+            cs_s = stopped.cs
+            S = (cs_s[:, None] * aux.row_gram * cs_s[None, :]).at[jnp.diag_indices(cs_s.shape[0])].add(E_reg)
+            factor = _DualFactor(aux.p_factor_inv, _cholesky(jax.lax.stop_gradient(S)),
+                                 stopped.K, cs_s)
+        else:
+            Einv = 1.0 / E_reg
+            # N = Π P Π + diag(h + δ) + Πᵀ Kᵀ C E⁻¹ C K Π, one pass over K.
+            Kw = stopped.K.dense(dt) * (stopped.cs * jnp.sqrt(Einv))[:, None]
+            P = stopped.P.dense()
+            if nb:
+                Kw = jnp.where(keep[None, :], Kw, 0.0)
+                P = jnp.where(keep[None, :] & keep[:, None], P, 0.0)
+            N = P + jnp.diag(stopped.h + delta / (c * d**2)) + Kw.T @ Kw
+            factor = _PrimalFactor(_cholesky(N), stopped, Einv)
+        state = (factor, jax.lax.stop_gradient(true))
         operator = lx.FunctionLinearOperator(
             true.mv, jax.ShapeDtypeStruct((n + v.shape[0],), dt), lx.symmetric_tag
         )
@@ -583,16 +720,16 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
             a2 = jnp.where(cf.eq, -(v - cf.L), cs * r)
             if nb:
                 dxf = jnp.where(fixed, -(x - cf.bL), 0.0)
-                a1 = jnp.where(fixed, dxf, a1 - (cf.P + jnp.diag(DB)) @ dxf)
-                a2 = a2 - cs * (cf.K @ dxf)
+                a1 = jnp.where(fixed, dxf, a1 - cf.P.mv(dxf) - DB * dxf)
+                a2 = a2 - cs * cf.K.mv(dxf)
             u = linear_solve(operator, jnp.concatenate([a1, a2]), solver, state=state).value
             dx = u[:n]
             dlam = cs * u[n:]
-            drs = rec(cf.K @ dx, dlam)
+            drs = rec(cf.K.mv(dx), dlam)
             if nb:
                 # Bound multipliers from the stationarity rows (no division by
                 # a vanishing slack); exact for fixed variables.
-                dlam_b = -dual - cf.P @ dx - cf.K.T @ dlam
+                dlam_b = -dual - cf.P.mv(dx) - cf.K.rmv(dlam)
                 assert brec is not None
                 dbs = brec(dx, dlam_b)
             else:
@@ -600,6 +737,29 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
             return dx, drs, dbs
 
         return direction, rs, bs, cf, res
+
+    def _dual_path(self, cf: _Canonical, d: Array, c: Array, nb: int) -> tuple[Array, Array]:
+        """`(p_factor_inv, row_gram)` of `_DualFactor` when the QP has no bounds
+        (then $A = P + \\mathrm{diag}((\\delta_r + \\delta_f)/(c d^2))$ is the
+        same at every step) and `kkt_reduction` allows it; two empty arrays
+        otherwise (the primal path). Cost, once: $n^3/3 + n^2 r + n r^2$."""
+        n, r = cf.q.shape[0], cf.K.rows
+        dt = cf.q.dtype
+        reduction = self.kkt_reduction
+        if reduction == "auto":
+            reduction = "dual" if (nb == 0 and 0 < r <= n) else "primal"
+        if reduction == "dual" and nb:
+            raise ValueError(
+                "InteriorPointQP(kkt_reduction='dual') needs a QP without bounds (lb, ub): "
+                "bounds change the (1,1) block at every step. Use 'auto' or 'primal'."
+            )
+        if reduction == "primal" or r == 0:
+            return jnp.zeros((0, 0), dt), jnp.zeros((0, 0), dt)
+        regularization, factorization_regularization, _ = self._shifts(dt)
+        A = cf.P.dense() + jnp.diag((regularization + factorization_regularization) / (c * d**2))
+        p_factor_inv = jsl.solve_triangular(_cholesky(A), jnp.eye(n, dtype=dt), lower=True)
+        W = p_factor_inv @ cf.K.dense(dt).T
+        return p_factor_inv, W.T @ W
 
     def init(self, x0: Float[Array, " n"] | None, theta: QP) -> tuple[_PrimalDual, _Aux]:
         check_qp(theta)
@@ -613,13 +773,14 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                     f"InteriorPointQP: `x0` must have shape (n,) = ({n},), got {x0.shape}."
                 )
         cf = _canonical(qp)
-        d, e, c = _ruiz(cf.P, cf.K, cf.q)
+        d, e, c = _ruiz(cf.P.dense(), cf.K.dense(dt), cf.q)
         inf = jnp.asarray(jnp.inf, dt)
+        k, nb = qp.rows, qp.lb.shape[0]
+        p_factor_inv, row_gram = self._dual_path(cf, d, c, nb)
         aux = _Aux(
             RESULTS.where(_convex(cf, d, e, c), RESULTS.successful, RESULTS.nonconvex),
-            d, e, c, inf, inf, jnp.zeros((), jnp.int32),
+            d, e, c, inf, inf, jnp.zeros((), jnp.int32), p_factor_inv, row_gram,
         )
-        k, nb = qp.rows, qp.lb.shape[0]
 
         def placeholder(size):
             return _Sides(*(jnp.ones((size,), dt) if i % 2 == 0 else jnp.zeros((size,), dt)
@@ -675,8 +836,8 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         x = dx  # from x = 0
         if x0 is not None:
             x = jax.lax.stop_gradient(x0).astype(dt)
-        lam = jnp.where(cf.eq, drs.zl, rD * (cf.K @ dx - t_rows))
-        v = cf.K @ x
+        lam = jnp.where(cf.eq, drs.zl, rD * (cf.K.mv(dx) - t_rows))
+        v = cf.K.mv(x)
         # Slacks from x; duals from the multiplier estimate, shifted positive
         # (in scaled units: s·e for rows, s/d for bounds; z/e·c, z·d·c).
         sl = jnp.where(cf.hl, v - cf.L, 1.0)
@@ -812,7 +973,8 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         result = RESULTS.where(
             (result == RESULTS.successful) & (stalls >= _STALL), RESULTS.stalled, result
         )
-        return new, _Aux(result, aux.d, aux.e, aux.c, *errors, stalls)
+        return new, _Aux(result, aux.d, aux.e, aux.c, *errors, stalls, aux.p_factor_inv,
+                         aux.row_gram)
 
     def _certificate(
         self, w: _PrimalDual, qp: QP, aux: _Aux, previous: _PrimalDual
@@ -848,7 +1010,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         def farkas(lam, blam):
             # Primal infeasibility: Kᵀλ + λ_b = 0 and Σ U λ⁺ + L λ⁻ < 0.
             lam = cone(lam, cf.eq, cf.hl, cf.hu)
-            Ktl = cf.K.T @ lam
+            Ktl = cf.K.rmv(lam)
             t_p = -support(lam, cf.L, cf.U, cf.eq, cf.hl, cf.hu)
             if blam.size:
                 blam = cone(blam, cf.beq, cf.bhl, cf.bhu)
@@ -865,13 +1027,13 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # Unboundedness: Px = 0, x in the recession cone, qᵀx < 0.
         x = w.x
         t_d = -jnp.dot(cf.q, x)
-        Kx = cf.K @ x
+        Kx = cf.K.mv(x)
 
         def cone_violation(v, eq, hl, hu, sc):
             return _amax(sc * jnp.where(eq, v, jnp.where(hu, jnp.maximum(v, 0.0), 0.0)
                                         + jnp.where(hl, jnp.maximum(-v, 0.0), 0.0)))
 
-        r_d = jnp.maximum(_amax(d * (cf.P @ x)), cone_violation(Kx, cf.eq, cf.hl, cf.hu, e))
+        r_d = jnp.maximum(_amax(d * cf.P.mv(x)), cone_violation(Kx, cf.eq, cf.hl, cf.hu, e))
         if blam.size:
             r_d = jnp.maximum(r_d, cone_violation(x, cf.beq, cf.bhl, cf.bhu, 1.0 / d))
         dual = (t_d > 0) & (r_d * (1 + _amax(d * cf.q)) <= tol * t_d)
@@ -960,9 +1122,9 @@ def _convex(cf: _Canonical, d: Array, e: Array, c: Array) -> Array:
     n = d.shape[0]
     eps = float(jnp.finfo(d.dtype).eps)
     keep = ~cf.beq if cf.beq.size else jnp.ones((n,), bool)
-    M = c * (d[:, None] * cf.P * d[None, :])
-    if cf.K.shape[0]:
-        Ks = jnp.where(cf.eq[:, None], e[:, None] * cf.K * d[None, :], 0.0)
+    M = c * (d[:, None] * cf.P.dense() * d[None, :])
+    if cf.K.rows:
+        Ks = jnp.where(cf.eq[:, None], e[:, None] * cf.K.dense(M.dtype) * d[None, :], 0.0)
         M = M + 1e4 * Ks.T @ Ks
     M = jnp.where(keep[:, None] & keep[None, :], M, 0.0)
     tau = eps**0.5 * jnp.maximum(1.0, jnp.max(jnp.diag(M)))
