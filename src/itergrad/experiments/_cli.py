@@ -263,7 +263,8 @@ def reproduce(args) -> int:
             if not console.is_terminal:
                 # No live bar in a log file: one line per experiment instead.
                 elapsed = time.perf_counter() - start_all
-                left = elapsed * (progress.tasks[overall].total - done_weight) / done_weight
+                total = next(t.total for t in progress.tasks if t.id == overall) or done_weight
+                left = elapsed * (total - done_weight) / done_weight
                 progress.console.print(
                     f"{name} done in {meta['seconds']:.0f} s; {elapsed / 60:.1f} min so far, "
                     f"about {left / 60:.1f} min left")

@@ -703,7 +703,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
             # N = Π P Π + diag(h + δ) + Πᵀ Kᵀ C E⁻¹ C K Π, one pass over K.
             Kw = stopped.K.dense(dt) * (stopped.cs * jnp.sqrt(Einv))[:, None]
             P = stopped.P.dense()
-            if nb:
+            if keep is not None:
                 Kw = jnp.where(keep[None, :], Kw, 0.0)
                 P = jnp.where(keep[None, :] & keep[:, None], P, 0.0)
             N = P + jnp.diag(stopped.h + delta / (c * d**2)) + Kw.T @ Kw
