@@ -70,3 +70,29 @@ def _xdist_group(item):
         return module
     return None
 
+
+
+# Every compiled XLA executable keeps its machine code in memory mappings of
+# the process; one pytest worker compiles thousands of functions and hit the
+# kernel's limit (vm.max_map_count, 65530 here): measured 63894 mappings at
+# 57% of a single-process run of test_qp, test_newton, test_maros_meszaros
+# and test_matrix, which then died in `backend_compile_and_load` (SIGSEGV or
+# SIGABRT, a "crashed worker" under xdist). Dropping JAX's caches when the
+# count gets high frees those executables (later tests recompile what they
+# need). Linux only: elsewhere /proc/self/maps does not exist.
+_MAPS_BUDGET = 40_000
+
+
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_executable_memory():
+    yield
+    if _memory_mappings() > _MAPS_BUDGET:
+        jax.clear_caches()
