@@ -4,9 +4,12 @@
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
+import jax.numpy as jnp
 import pytest
 
+import itergrad as ig
 from itergrad.experiments import _report
 from itergrad.experiments._cli import EXPERIMENTS, _module, main
 
@@ -135,6 +138,18 @@ def test_interrupted_fig3_resumes_from_its_finished_sizes(tmp_path, monkeypatch)
     def interrupted(*args, **kwargs):
         raise RuntimeError("interrupted here")
 
+    def cheap_case(key, size):
+        # The checkpointing is under test, not the solvers (their Figure 3
+        # cases run in the tiny reproduction above): a solution x = 2 u whose
+        # four "methods" compile in milliseconds.
+        def solution(estimator, u, data):
+            return SimpleNamespace(value=data * u, steps=jnp.asarray(1),
+                                   result=ig.RESULTS.successful)
+
+        return solution, jnp.ones(3), jnp.asarray(2.0), dict(n=3, m=0, p=0, N=0, params=3)
+
+    monkeypatch.setattr(_fig3, "_qp_case", cheap_case)
+    monkeypatch.setattr(_fig3, "_logistic_case", cheap_case)
     args = ["reproduce", "--tiny", "--out", str(tmp_path), "--only", "fig3"]
     with monkeypatch.context() as patch:
         patch.setattr(_fig3, "_logistic_case", interrupted)

@@ -748,11 +748,6 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         reduction = self.kkt_reduction
         if reduction == "auto":
             reduction = "dual" if (nb == 0 and 0 < r <= n) else "primal"
-        if reduction == "dual" and nb:
-            raise ValueError(
-                "InteriorPointQP(kkt_reduction='dual') needs a QP without bounds (lb, ub): "
-                "bounds change the (1,1) block at every step. Use 'auto' or 'primal'."
-            )
         if reduction == "primal" or r == 0:
             return jnp.zeros((0, 0), dt), jnp.zeros((0, 0), dt)
         regularization, factorization_regularization, _ = self._shifts(dt)
@@ -772,10 +767,15 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                 raise ValueError(
                     f"InteriorPointQP: `x0` must have shape (n,) = ({n},), got {x0.shape}."
                 )
+        k, nb = qp.rows, qp.lb.shape[0]
+        if self.kkt_reduction == "dual" and nb:
+            raise ValueError(
+                "InteriorPointQP(kkt_reduction='dual') needs a QP without bounds (lb, ub): "
+                "bounds change the (1,1) block at every step. Use 'auto' or 'primal'."
+            )
         cf = _canonical(qp)
         d, e, c = _ruiz(cf.P.dense(), cf.K.dense(dt), cf.q)
         inf = jnp.asarray(jnp.inf, dt)
-        k, nb = qp.rows, qp.lb.shape[0]
         p_factor_inv, row_gram = self._dual_path(cf, d, c, nb)
         aux = _Aux(
             RESULTS.where(_convex(cf, d, e, c), RESULTS.successful, RESULTS.nonconvex),
