@@ -282,16 +282,19 @@ def test_float32_slacks_stay_positive_to_the_end():
     qp32 = random_qp(jr.key(79), 50, 10, 50).astype(jnp.float32)
     qp64 = qp32.astype(jnp.float64)
 
-    def solve(qp, b, estimator, **tols):
+    def solve(qp, b, estimator, **kwargs):
         sol = ig.solve(
             ig.InteriorPointQP(), None, eqx.tree_at(lambda q: q.b, qp, b),
-            estimator=estimator, max_steps=100, throw=False, **tols,
+            estimator=estimator, max_steps=100, throw=False, **kwargs,
         )
         return sol.value, sol
 
+    # The error estimate is +inf (none) in float32: it used to raise Lineax's
+    # non-finite error from inside the estimate, even with throw=False.
     J32, sol32 = jax.jit(jax.jacrev(
-        lambda b: solve(qp32, b, ig.OneStep()), has_aux=True
+        lambda b: solve(qp32, b, ig.OneStep(), error_estimate=True), has_aux=True
     ))(qp32.b)
+    assert sol32.stats["derivative_error_bound"] == jnp.inf
     J64, sol64 = jax.jit(jax.jacrev(
         lambda b: solve(qp64, b, ig.Implicit(), rtol=1e-12, atol=1e-12), has_aux=True
     ))(qp64.b)

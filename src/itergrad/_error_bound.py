@@ -44,7 +44,10 @@ of relative error. Then, relative to $\|\bar J\|$:
 
 A rounding floor $10\sqrt{n}\,\epsilon\, R$ is added. When $R$ is infinite
 (neither $A$ nor $A^{16}$ contracts) the bound is $+\infty$: the theory
-does not apply. Cost: about $4 \times 30$ Jacobian-vector products for
+does not apply; so it is when an estimate is not finite (a tangent of the
+step overflowed), and for solvers marked `error_estimate_needs_float64`
+(`InteriorPointQP`) with unknowns below float64.
+Cost: about $4 \times 30$ Jacobian-vector products for
 $\rho$, $L_F$, $L_B$, $L_A$, plus $2 \times 10 \times (16 + \min(K, 32))$
 for the two power norms.
 
@@ -84,6 +87,8 @@ def derivative_error_bound(
     """The estimated relative error of `estimator`'s derivative of the final
     unknowns (see the module docstring for the formulas)."""
     f = flat_step(solver, jax.lax.stop_gradient(out.state), jax.lax.stop_gradient(theta))
+    if solver.error_estimate_needs_float64 and jnp.finfo(f.x.dtype).bits < 64:
+        return jnp.full((), jnp.inf, f.x.dtype)
     q = local_constants(f, iterations, with_L_A=True, power=_power(estimator, out))
     L_A, power_norms = q.L_A, q.power_norms
     assert L_A is not None and power_norms is not None
@@ -172,7 +177,9 @@ def derivative_error_bound(
             "call `itergrad.solve(..., error_estimate=False)`."
         )
     bound = bound + floor
-    return jnp.where(contracting & (J_lower > 0), bound, jnp.inf)
+    # NaN: an estimate could not be formed (a tangent overflowed, e.g. a
+    # float32 interior-point step near its boundary): no bound, +inf.
+    return jnp.where(contracting & (J_lower > 0) & ~jnp.isnan(bound), bound, jnp.inf)
 
 
 def _power(estimator: AbstractEstimator, out: LoopOutput) -> Any:

@@ -65,6 +65,23 @@ def _safe_normalize(v: Array) -> tuple[Array, Scalar]:
     return v / safe, norm
 
 
+def _transpose_or_nan(matvec: Callable[[Array], Array], v0: Array) -> Callable[[Array], Array]:
+    """$w \\mapsto J^T w$ (`jax.linear_transpose` of `matvec`), NaN where $w$
+    is not finite. Lineax transposes its linear solves with `throw=True`
+    unconditionally, so a non-finite cotangent (an interior-point tangent that
+    overflowed in float32) would raise at run time even under `throw=False`;
+    zeros are transposed instead and the NaN carried on: an estimate built on
+    it is NaN, which the error bound turns into $+\\infty$ (no estimate)."""
+    transpose = jax.linear_transpose(matvec, v0)
+
+    def apply(w):
+        finite = jnp.all(jnp.isfinite(w))
+        out = transpose(jnp.where(finite, w, 0))[0]
+        return jnp.where(finite, out, jnp.nan)
+
+    return apply
+
+
 def linear_operator_norm(
     matvec: Callable[[Array], Array], v0: Float[Array, " d"], iterations: int
 ) -> Real[Array, ""]:
@@ -75,10 +92,10 @@ def linear_operator_norm(
     The result $\\|J v\\|$ with $\\|v\\| = 1$ is a lower bound of the true norm
     that converges like $(\\sigma_2/\\sigma_1)^{2\\,\\text{iterations}}$.
     """
-    transpose = jax.linear_transpose(matvec, v0)
+    transpose = _transpose_or_nan(matvec, v0)
 
     def body(_, v):
-        w = transpose(matvec(v))[0]
+        w = transpose(matvec(v))
         w, _ = _safe_normalize(w)
         return w
 
@@ -96,15 +113,15 @@ def linear_operator_norm_upper(
     $\\sqrt{\\lambda + \\|w - \\lambda v\\|}$ over-estimates the norm when power
     iteration has found the top eigenvector's neighbourhood (it is used
     where an under-estimate would make a bound too small)."""
-    transpose = jax.linear_transpose(matvec, v0)
+    transpose = _transpose_or_nan(matvec, v0)
 
     def body(_, v):
-        w, _ = _safe_normalize(transpose(matvec(v))[0])
+        w, _ = _safe_normalize(transpose(matvec(v)))
         return w
 
     v, _ = _safe_normalize(v0)
     v = jax.lax.fori_loop(0, iterations, body, v)
-    w = transpose(matvec(v))[0]
+    w = transpose(matvec(v))
     eigenvalue = jnp.vdot(v, w)
     residual = jnp.linalg.norm(w - eigenvalue * v)
     return jnp.sqrt(jnp.maximum(eigenvalue + residual, 0.0))
@@ -134,13 +151,13 @@ def power_norm_upper(
     For a non-normal $J$ (most step maps) $\\|J^p\\|$ can be far below
     $\\|J\\|^p$: it decays like the spectral radius, which is what the
     iteration and the truncated sums actually see."""
-    transpose = jax.linear_transpose(matvec, v0)
+    transpose = _transpose_or_nan(matvec, v0)
 
     def forward(v):
         return jax.lax.fori_loop(0, power, lambda _, w: matvec(w), v)
 
     def backward(v):
-        return jax.lax.fori_loop(0, power, lambda _, w: transpose(w)[0], v)
+        return jax.lax.fori_loop(0, power, lambda _, w: transpose(w), v)
 
     def body(_, v):
         w, _ = _safe_normalize(backward(forward(v)))

@@ -63,10 +63,15 @@ class AbstractSolver(eqx.Module, Generic[Z, Aux]):
     Corollary 3's bound applies: `diagnose` uses it. **Class variable**
     `optimality_tags`: the Lineax tags of $J_z$ `optimality` (e.g.
     `frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})` when it is
-    the Hessian of a convex objective), passed on by `Implicit`.
+    the Hessian of a convex objective), passed on by `Implicit`. **Class
+    variable** `error_estimate_needs_float64`: set it when the step's derivatives
+    overflow in lower precision (the interior point's $1/s$ terms near the
+    boundary); `error_estimate=True` then reports $+\\infty$ (no
+    estimate) for float32 unknowns instead of computing one.
     """
 
     superlinear: ClassVar[bool] = False
+    error_estimate_needs_float64: ClassVar[bool] = False
     # Lineax tags of the Jacobian of `optimality` in z at the solution, used
     # by `Implicit(condition="optimality")` (e.g. symmetric positive
     # semidefinite for a Hessian system, so that `lx.CG` applies).
