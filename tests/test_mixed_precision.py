@@ -115,12 +115,14 @@ def test_float64_solve_of_a_float32_qp():
         ).value
 
     b64 = qp64.b
-    J = np.asarray(jax.jit(jax.jacrev(
-        lambda b: x_of(b, jnp.float64, ig.Implicit(), 1e-13)
-    ))(b64))
-    fd = central_difference_jacobian(
-        jax.jit(lambda b: x_of(b, jnp.float64, ig.OneStep(), 1e-13)), b64
-    )
+    # One compiled function gives the float64 solution and its Implicit
+    # Jacobian; the central differences evaluate it at shifted b (each QP
+    # compile costs seconds).
+    solution_and_jacobian = jax.jit(jax.jacrev(
+        lambda b: (x_of(b, jnp.float64, ig.Implicit(), 1e-13),) * 2, has_aux=True
+    ))
+    J = np.asarray(solution_and_jacobian(b64)[0])
+    fd = central_difference_jacobian(lambda b: solution_and_jacobian(b)[1], b64)
     assert relative_error(fd, J) < 1e-6
     b32 = b64.astype(jnp.float32)
     errors = {}

@@ -328,9 +328,12 @@ def _rank_deficient_box_qp():
               G=jnp.concatenate([jnp.eye(n), -jnp.eye(n)]), h=jnp.ones(2 * n))
 
 
-# The rank-deficient case runs in the slow tier (CI time budget: each case
-# compiles two QP solves with both estimators' gradients, ~25 s).
-@pytest.mark.parametrize("kind", ["random", pytest.param("singular_P", marks=pytest.mark.slow)])
+# Slow tier (CI time budget: each case compiles two QP solves with both
+# estimators' gradients, ~25 s). The default tier runs the dual path in every
+# other test of a QP without bounds (the `auto` choice), against closed forms
+# and finite differences.
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["random", "singular_P"])
 def test_dual_and_primal_kkt_reductions_agree(kind):
     # The two factorisations of the same regularised Newton system, each refined
     # against the true matrix: solutions and both estimators' gradients agree.
