@@ -71,7 +71,6 @@ def _xdist_group(item):
     return None
 
 
-
 # Every compiled XLA executable keeps its machine code in memory mappings of
 # the process; one pytest worker compiles thousands of functions and hit the
 # kernel's limit (vm.max_map_count, 65530 here): measured 63894 mappings at

@@ -175,3 +175,27 @@ def test_bound_on_the_interior_point_qp_is_computed_and_never_below_the_error():
 
     reference = jax.jit(jax.jacfwd(lambda b: run(b, ig.Implicit(), False, 1e-14).value))(qp.b)
     _check(run, qp.b, reference, "OneStep")  # asserts error <= bound
+
+
+def test_power_iterations_give_nan_not_a_crash_on_a_non_finite_vector():
+    # Lineax transposes its solves with throw=True whatever the caller asked:
+    # a power iteration whose vector overflowed raised at run time (checked
+    # with the unguarded transpose); now the estimate is NaN, which
+    # derivative_error_bound reports as +inf.
+    import lineax as lx
+
+    from itergrad._spectral import (
+        linear_operator_norm,
+        linear_operator_norm_upper,
+        power_norm_upper,
+    )
+
+    def overflowing(v):  # linear in v, +-inf for any v != 0
+        return lx.linear_solve(lx.DiagonalLinearOperator(jnp.array([1.0, 2.0, 3.0])),
+                               1e308 * (10.0 * v), throw=False).value
+
+    v0 = jnp.ones(3)
+    for estimate in (linear_operator_norm(overflowing, v0, 3),
+                     linear_operator_norm_upper(overflowing, v0, 3),
+                     power_norm_upper(overflowing, v0, 2, 3)):
+        assert bool(jnp.isnan(estimate))

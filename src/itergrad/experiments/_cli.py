@@ -197,7 +197,8 @@ def reproduce(args) -> int:
     ) as progress:
         # The overall bar counts expected seconds (EXPECTED_SECONDS), so its
         # "left" is the remaining expected work at the speed seen so far.
-        overall = progress.add_task("all", total=sum(weights[n] for n in pending))
+        expected_total = sum(weights[n] for n in pending)
+        overall = progress.add_task("all", total=expected_total)
         done_weight = 0.0
         for position, name in enumerate(names, 1):
             module = _module(name)
@@ -263,8 +264,7 @@ def reproduce(args) -> int:
             if not console.is_terminal:
                 # No live bar in a log file: one line per experiment instead.
                 elapsed = time.perf_counter() - start_all
-                total = next(t.total for t in progress.tasks if t.id == overall) or done_weight
-                left = elapsed * (total - done_weight) / done_weight
+                left = elapsed * (expected_total - done_weight) / done_weight
                 progress.console.print(
                     f"{name} done in {meta['seconds']:.0f} s; {elapsed / 60:.1f} min so far, "
                     f"about {left / 60:.1f} min left")
