@@ -100,6 +100,10 @@ def test_float64_solve_after_a_float32_forward_solve(problem, reference, mode):
     assert relative_error(np.asarray(mixed, np.float64), fd) < 1e-6
 
 
+# Slow tier (CI time budget: four QP compiles, 17 s alone, 34 s in a loaded
+# CI run). The default tier checks the float64 solve on the float32 logistic
+# problems above, and docs/batches-and-devices.md runs it on a float32 QP.
+@pytest.mark.slow
 def test_float64_solve_of_a_float32_qp():
     """The interior-point QP's KKT system at a float32 solution: the float64
     solve removes most of the float32 derivative's error (measured: 6.7e-7
