@@ -115,6 +115,27 @@ def test_small_problems_solved_to_1e9(solved):
         assert max(primal, dual, gap) <= TOL, (name, primal, dual, gap)
 
 
+# Problems whose iterates jammed before the dual step of an inactive
+# constraint side came from that side's own complementarity (the fraction to
+# the boundary cut every step short on one dual: QSHARE2B stopped at a KKT
+# error of 3.6e-3, QADLITTL ran out of its 200 steps). Padded to one shape.
+JAMMED = ["QADLITTL", "QSHARE2B"]
+
+
+def test_problems_that_jammed_are_solved():
+    solve = eqx.filter_jit(
+        lambda qp: ig.solve(SOLVER, None, qp, throw=False, rtol=0.0, atol=1e-6,
+                            max_steps=200)
+    )
+    for name in JAMMED:
+        qp = load_maros_meszaros(DATA / f"{name}.mat", pad=(128, 128))
+        sol = solve(qp)
+        assert sol.result == ig.RESULTS.successful, (name, int(sol.steps))
+        x, y, _ = _split(qp, sol, name)
+        primal, dual, gap = _benchmark_residuals(name, x, y)
+        assert max(primal, dual, gap) <= 1e-6, (name, primal, dual, gap)
+
+
 def test_one_compilation_for_padded_problems(solved):
     # Every padded problem has the same shapes and infinite entries are masks,
     # not removed rows: one trace for all (a second would raise).
