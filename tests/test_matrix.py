@@ -1028,13 +1028,10 @@ NOT_MEANINGFUL = {
 # the fix shows up (as XPASS: then delete the entry).
 # Keyed (solver, estimator, transform, dtype); None matches every value.
 LIBRARY_BUGS: dict[tuple[str, str | None, str | None, str | None], str] = {
-    ("qp", "truncated_auto", "vmap", "f32"): (
-        "since d444820 (an inactive constraint side's dual step from its own "
-        "complementarity, (t - z Δs)/s), the third float32 instance is refused "
-        "with not_contracting (estimated rho 2.9 after 4 steps); suspected: the 1/s terms of "
-        "that formula enter the step's Jacobian at the float32 rounding floor; "
-        "float64 and the other transforms pass"
-    ),
+    # (qp, truncated_auto, vmap, f32) passes since the centring target σμ
+    # carries no derivative (see `InteriorPointQP.step`): refused
+    # not_contracting from d444820, when the float32 step map's Jacobian
+    # took an O(1) rounding term through σ at the float32 floor.
     # The earlier entries, (qp, implicit_fp / truncated_auto, vmap, f32),
     # pass since the interior-point step keeps 1 - eta >= 16 eps (in float32
     # the cap 1 - 1e-12 rounded to 1, a slack could reach zero and the step's

@@ -481,13 +481,15 @@ def _side_newton(v, L, U, eq, hl, hu, sd: _Sides, tl, tu):
         # QBORE3D with s = 3.7, z = 1.6e-5).
         # (A slack that underflowed to 0 with its dual never divides.)
         own_l, own_u = (sl >= zl) & (sl > 0), (su >= zu) & (su > 0)
-        comp_l = (tl - zl * dsl) / jnp.where(own_l, sl, 1.0)
-        comp_u = (tu - zu * dsu) / jnp.where(own_u, su, 1.0)
+        # s Δz = t - z Δs: each side's dual step times its slack.
+        num_l, num_u = tl - zl * dsl, tu - zu * dsu
+        comp_l = num_l / jnp.where(own_l, sl, 1.0)
+        comp_u = num_u / jnp.where(own_u, su, 1.0)
         # Two-sided with both sides' duals the larger (early iterates): from
         # the side with the larger slack, the other through Δλ.
         use_l = sl >= su
-        big_l = (tl - zl * dsl) / jnp.where(use_l, sl, 1.0)
-        big_u = (tu - zu * dsu) / jnp.where(use_l, 1.0, su)
+        big_l = num_l / jnp.where(use_l, sl, 1.0)
+        big_u = num_u / jnp.where(use_l, 1.0, su)
         dzl2 = jnp.where(own_l, comp_l, jnp.where(own_u, comp_u - dlam,
                          jnp.where(use_l, big_l, big_u - dlam)))
         dzu2 = jnp.where(own_u, comp_u, jnp.where(own_l, comp_l + dlam,
@@ -532,6 +534,8 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
        is a safeguard and carries no derivative: the step is differentiated
        as the full Newton step $w + \\Delta(w, \\theta)$, so that `OneStep`
        does not inherit a factor $\\alpha < 1$ from whichever step was last.
+       The centring target $\\sigma\\mu$ and $\\omega$ carry no derivative
+       either (they vanish or tend to 1 at the solution).
 
     **Newton system.** Slacks and duals are eliminated: bounds add the diagonal
     $z_l/s_l + z_u/s_u$ to $P$ (fixed variables are eliminated exactly), rows
@@ -948,7 +952,16 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         positive = mu > 0
         safe_mu = jnp.where(positive, mu, 1.0)
         sigma = jnp.where(positive, jnp.clip(mu_a / safe_mu, 0.0, 1.0) ** 3, 0.0)
-        sm = sigma * mu
+        # The centring target σμ is the path-following heuristic, like α, η
+        # and ω: it carries no derivative. At the solution μ = 0, so it
+        # changes the derivative by O(μ) only; but at float32's rounding
+        # floor the computed σ is 1 (μ^a is rounding of the primal residual,
+        # ~ε|h|, far above μ ~ 1e-14) and σ ∂μ/∂s = σ z/p differentiated the
+        # step map by O(1) in the directions of the vanishing slacks and
+        # duals: ‖J_w F‖ came out 0.04 to 2.9 (test matrix's float32 QP,
+        # truncated_auto under vmap: refused not_contracting), where the
+        # same state in float64 gives 5e-13; with σμ frozen, 3e-7.
+        sm = jax.lax.stop_gradient(sigma * mu)
         tl = jnp.where(cf.hl, tl0 + sm - dra.sl * dra.zl, 0.0)
         tu = jnp.where(cf.hu, tu0 + sm - dra.su * dra.zu, 0.0)
         btl = jnp.where(cf.bhl, btl0 + sm - dba.sl * dba.zl, 0.0) if nb else zb
@@ -967,20 +980,18 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         # targets vanish at the solution.
         omegas = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
 
-        def weighted(omega):
-            def mix(a, c):
-                return a + omega * (c - a)
+        def weighted(omega, predictor, corrector):
+            return jax.tree.map(lambda a, c: a + omega * (c - a), predictor, corrector)
 
-            return (mix(dxa, dx), jax.tree.map(mix, dra, dr),
-                    jax.tree.map(mix, dba, db) if nb else db)
-
-        reach = jnp.stack([alpha_max(*weighted(o)[1:]) for o in omegas])
+        # The pairs' steps decide ω; the primal step follows.
+        pairs_a, pairs_c = (dra, dba), (dr, db)
+        reach = jnp.stack([alpha_max(*weighted(o, pairs_a, pairs_c)) for o in omegas])
         reach = jnp.minimum(1.0, jnp.where(jnp.isnan(reach), 0.0, reach))
         good = reach >= 0.9 * jnp.max(reach)
         omega = jax.lax.stop_gradient(
             jnp.asarray(omegas, reach.dtype)[jnp.argmax(good)]
         )
-        dx, dr, db = weighted(omega)
+        dx, (dr, db) = weighted(omega, dxa, dx), weighted(omega, pairs_a, pairs_c)
         # The fraction to the boundary tends to 1 with the gap, so that the
         # last, differentiated steps are full Newton steps up to O(μ)
         # (a fixed 0.99999 would bias the one-step derivative by 1e-5).
