@@ -19,6 +19,7 @@ import csv
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -108,19 +109,25 @@ def itergrad_solve_fn(tol):
 
 
 def itergrad_grad_fn(estimator, tol):
+    """`(qp, v) -> ((vᵀx, result), gradient in qp)`, compiled once per shape."""
     key = (type(estimator).__name__, tol)
     if key not in _ITERGRAD:
         def loss(qp, v):
-            x = ig.solve(SOLVER, None, qp, estimator=estimator, throw=False, rtol=0.0,
-                         atol=tol, max_steps=MAX_STEPS).value
-            return jnp.dot(v, x)
+            sol = ig.solve(SOLVER, None, qp, estimator=estimator, throw=False, rtol=0.0,
+                           atol=tol, max_steps=MAX_STEPS)
+            return jnp.dot(v, sol.value), sol.result
 
-        _ITERGRAD[key] = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+        _ITERGRAD[key] = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
     return _ITERGRAD[key]
 
 
+def padded_shape(raw):
+    """(variables, rows) of the padded problem itergrad solves."""
+    return bucket(raw.n), bucket(max(raw.k, 1))
+
+
 def run_itergrad(raw, path, tol, repeats):
-    qp = load_maros_meszaros(path, pad=(bucket(raw.n), bucket(max(raw.k, 1))))
+    qp = load_maros_meszaros(path, pad=padded_shape(raw))
     f = itergrad_solve_fn(tol)
 
     def call():
@@ -277,10 +284,12 @@ def run_qpax(raw, tol, repeats):
     import qpax
 
     A, b, G, h, eq, up, lo = qpax_form(raw)
-    f = jax.jit(lambda: qpax.solve_qp(raw.P, raw.q, A, b, G, h, solver_tol=tol))
+    # The data as arguments, not constants folded into the executable.
+    f = jax.jit(lambda *data: qpax.solve_qp(*data, solver_tol=tol))
+    data = tuple(jnp.asarray(a) for a in (raw.P, raw.q, A, b, G, h))
 
     def call():
-        out = f()
+        out = f(*data)
         jax.block_until_ready(out)
         return out
 
@@ -318,10 +327,30 @@ def margin(sol):
     return min(float(jnp.min(jnp.maximum(s, z))) for s, z in pairs if s.size)
 
 
-def derivative_check(raw, info, tol, eps=1e-6, seed=0):
+# Strict complementarity below which the active set is not taken as stable
+# (a pair with both s and z ~ 0 is weakly active: the solution is not
+# differentiable there, and central differences straddle two pieces).
+STABLE_MARGIN = 1e-6
+# Finite differences: the QP solution is piecewise affine in (q, l, u), so a
+# step well inside the active set's piece is exact up to the solves' accuracy;
+# the perturbed problems are solved to FD_TOL, the noise is ~FD_TOL / FD_STEP.
+FD_STEP, FD_TOL = 1e-5, 1e-11
+
+
+def result_name(result):
+    """`stalled` from `RESULTS<stalled: message>`."""
+    code = re.search(r"<(\w+)", str(result))
+    return code.group(1) if code else str(result)
+
+
+def derivative_check(raw, info, tol, seed=0):
     """OneStep vs Implicit on vᵀx (all fields), and Implicit vs central
-    differences along random directions in q, b (equality sides, moving l and u
-    together) and h (finite inequality sides)."""
+    differences along random directions in q, b (equality rows, moving l and u
+    together) and h (the sides of the inequality rows that are active, i.e.
+    with a nonzero multiplier: an inactive row's derivative is 0 on both
+    sides and compares only rounding). Rows whose solve with an estimator
+    did not end `successful` record that code instead of a gradient (the
+    gradient of a flagged solve is not an answer)."""
     qp, sol = info["qp"], info["sol"]
     n_pad = qp.Q.shape[0]
     key = jax.random.PRNGKey(seed)
@@ -329,60 +358,83 @@ def derivative_check(raw, info, tol, eps=1e-6, seed=0):
     v = jnp.zeros(n_pad).at[: raw.n].set(jax.random.normal(kv, (raw.n,)))
     row = np.arange(qp.l.shape[0]) < raw.k
     eq_rows = jnp.asarray(np.concatenate([raw.eq[: raw.k], np.zeros(qp.l.shape[0] - raw.k, bool)]))
+    kkt = kkt_residual(sol.state.z, qp)
+
+    def active(multipliers):
+        a = np.abs(np.asarray(multipliers))
+        return a > 1e-8 * max(1.0, a.max(initial=0.0))
+
+    active_rows = jnp.asarray(row & ~np.asarray(eq_rows) & active(kkt.lam))
+    active_bounds = jnp.asarray((np.arange(n_pad) < raw.n) & active(kkt.blam))
+    out = dict(margin=margin(sol))
+    out["stable"] = out["margin"] >= STABLE_MARGIN
 
     def solve_and_grad(estimator):
         fn = itergrad_grad_fn(estimator, tol)
 
         def call():
-            out = fn(qp, v)[1]
-            jax.block_until_ready(out)
-            return out
+            (_, result), g = fn(qp, v)
+            jax.block_until_ready(g)
+            return result, g
 
         # Warm medians: the first call compiles (once per padded shape).
-        g, _, times = timed(call, 3)
-        return g, statistics.median(times)
+        (result, g), _, times = timed(call, 3)
+        return result, g, statistics.median(times)
 
-    g_os, t_os = solve_and_grad(ig.OneStep())
-    g_im, t_im = solve_and_grad(ig.Implicit())
+    result, g_os, out["t_onestep"] = solve_and_grad(ig.OneStep())
+    if result != ig.RESULTS.successful:
+        out["status"] = f"OneStep solve: {result_name(result)}"
+        return out
+    try:
+        result, g_im, out["t_implicit"] = solve_and_grad(ig.Implicit())
+    except Exception as err:  # Implicit refuses a singular optimality condition
+        code = re.search(r"\b([a-z_]+): [A-Z]", str(err))
+        out["status"] = f"Implicit refused: {code.group(1) if code else type(err).__name__}"
+        out["stable"] = False
+        return out
+    if result != ig.RESULTS.successful:
+        out["status"] = f"Implicit solve: {result_name(result)}"
+        return out
+    out["status"] = "ok"
 
     def flat(g):
         return np.concatenate([np.ravel(np.asarray(getattr(g, f))) for f in ("Q", "q", "C", "l", "u", "lb", "ub")])
 
     a, b = flat(g_os), flat(g_im)
-    onestep_vs_implicit = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-    f = itergrad_solve_fn(tol)
+    out["onestep_vs_implicit"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+    f = itergrad_solve_fn(FD_TOL)
 
     def value(qp_t):
         return float(jnp.dot(v, f(qp_t).value))
 
-    fd_errors = {}
-    dirs = {
-        "q": (lambda p: p.q, jax.random.normal(kq, qp.q.shape) * (jnp.arange(n_pad) < raw.n)),
-        "b": (None, jax.random.normal(kb, qp.l.shape) * eq_rows),
-        "h": (None, jax.random.normal(kh, qp.l.shape) * (~eq_rows) * jnp.asarray(row)),
-    }
-    for name, (_, d) in dirs.items():
-        if not float(jnp.max(jnp.abs(d))):
-            continue
-        if name == "q":
-            def perturb(t, d=d):
-                return eqx.tree_at(lambda p: p.q, qp, qp.q + t * d)
-            ad = float(jnp.vdot(g_im.q, d))
-        elif name == "b":
-            def perturb(t, d=d):
-                return eqx.tree_at(lambda p: (p.l, p.u), qp, (qp.l + t * d, qp.u + t * d))
-            ad = float(jnp.vdot(g_im.l, d) + jnp.vdot(g_im.u, d))
-        else:
-            dl = d * qp.l_finite
-            du = jax.random.normal(jax.random.fold_in(kh, 1), qp.u.shape) * (~eq_rows) * jnp.asarray(row) * qp.u_finite
+    def perturbed(fields, deltas):
+        return lambda t: eqx.tree_at(
+            lambda p: tuple(getattr(p, k) for k in fields), qp,
+            tuple(getattr(qp, k) + t * dk for k, dk in zip(fields, deltas)),
+        )
 
-            def perturb(t, dl=dl, du=du):
-                return eqx.tree_at(lambda p: (p.l, p.u), qp, (qp.l + t * dl, qp.u + t * du))
-            ad = float(jnp.vdot(g_im.l, dl) + jnp.vdot(g_im.u, du))
-        fd = (value(perturb(eps)) - value(perturb(-eps))) / (2 * eps)
-        fd_errors[name] = abs(fd - ad) / max(abs(ad), abs(fd), 1e-8)
-    return dict(onestep_vs_implicit=onestep_vs_implicit, fd=fd_errors, margin=margin(sol),
-                t_onestep=t_os, t_implicit=t_im)
+    dq = jax.random.normal(kq, qp.q.shape) * (jnp.arange(n_pad) < raw.n)
+    db = jax.random.normal(kb, qp.l.shape) * eq_rows
+    dl = jax.random.normal(kh, qp.l.shape) * active_rows * qp.l_finite
+    du = jax.random.normal(jax.random.fold_in(kh, 1), qp.u.shape) * active_rows * qp.u_finite
+    kx = jax.random.fold_in(kh, 2)
+    dlb = jax.random.normal(kx, qp.lb.shape) * active_bounds * qp.lb_finite
+    dub = jax.random.normal(jax.random.fold_in(kx, 1), qp.ub.shape) * active_bounds * qp.ub_finite
+    directions = {
+        "q": (("q",), (dq,)),
+        "b": (("l", "u"), (db, db)),  # an equality row's l = u moves as one
+        "h": (("l", "u"), (dl, du)),
+        "bounds": (("lb", "ub"), (dlb, dub)),
+    }
+    out["fd"] = {}
+    for name, (fields, deltas) in directions.items():
+        if not any(float(jnp.max(jnp.abs(d))) for d in deltas):
+            continue
+        ad = float(sum(jnp.vdot(getattr(g_im, k), d) for k, d in zip(fields, deltas)))
+        move = perturbed(fields, deltas)
+        fd = (value(move(FD_STEP)) - value(move(-FD_STEP))) / (2 * FD_STEP)
+        out["fd"][name] = abs(fd - ad) / max(abs(ad), abs(fd), 1e-300)
+    return out
 
 
 # -- random QPs ---------------------------------------------------------------
@@ -440,10 +492,21 @@ def main(argv=None):
     start = time.perf_counter()
     load_start = os.getloadavg()
     names = args.only or maros_meszaros_names(args.data)
+    raws = {name: Raw(args.data / f"{name}.mat") for name in names}
+    # One padded shape at a time, its compiled functions dropped afterwards:
+    # kept for the whole run (~70 itergrad executables and ~100 of qpax), they
+    # exhausted the process's memory maps (vm.max_map_count = 65530) half-way
+    # ("LLVM compilation error: Cannot allocate memory").
+    names = sorted(names, key=lambda nm: (padded_shape(raws[nm]), nm))
     rows, grad_rows, random_rows = [], [], []
+    shape = None
     for name in names:
         path = args.data / f"{name}.mat"
-        raw = Raw(path)
+        raw = raws[name]
+        if padded_shape(raw) != shape:
+            shape = padded_shape(raw)
+            _ITERGRAD.clear()
+            jax.clear_caches()
         for tol in args.tols:
             for solver in args.solvers:
                 try:
@@ -467,14 +530,11 @@ def main(argv=None):
                       f"p={res[0]:.1e} d={res[1]:.1e} g={res[2]:.1e} {med:.2f} ms "
                       f"(first {first:.1f} s)", flush=True)
                 if solver == "itergrad" and ok and not args.no_grad and tol == min(args.tols):
-                    try:
-                        dc = derivative_check(raw, info, tol)
-                        grad_rows.append(dict(problem=name, n=raw.n, **{k: v for k, v in dc.items() if k != "fd"},
-                                              **{f"fd_{k}": v for k, v in dc["fd"].items()}))
-                        print(f"  grad: onestep-implicit {dc['onestep_vs_implicit']:.1e} fd {dc['fd']} "
-                              f"margin {dc['margin']:.1e}", flush=True)
-                    except Exception as err:
-                        print(f"  grad failed: {type(err).__name__}: {err}", flush=True)
+                    dc = derivative_check(raw, info, tol)
+                    grad_rows.append(dict(problem=name, n=raw.n, **{k: v for k, v in dc.items() if k != "fd"},
+                                          **{f"fd_{k}": v for k, v in dc.get("fd", {}).items()}))
+                    print(f"  grad: {dc['status']} onestep-implicit {dc.get('onestep_vs_implicit', math.nan):.1e} "
+                          f"fd {dc.get('fd')} margin {dc['margin']:.1e}", flush=True)
     if args.random:
         random_qp_comparison(args.random, args.repeats, random_rows)
     elapsed = time.perf_counter() - start
@@ -508,14 +568,26 @@ def write(args, rows, grad_rows, random_rows, elapsed, load_start):
             sgm = shifted_geomean(t) if t else math.nan
             lines.append(f"| {solver} | {tol:g} | {solved}/{len(rs)} | {sgm:.3g} | {fails} |")
     if grad_rows:
+        stable = [r for r in grad_rows if r["stable"] and r["status"] == "ok"]
+        worst = {k: max((r.get(k, 0.0) for r in stable), default=math.nan)
+                 for k in ("onestep_vs_implicit", "fd_q", "fd_b", "fd_h", "fd_bounds")}
         lines += ["", "## Derivatives (itergrad, problems solved at the tightest tolerance)", "",
-                  "| problem | n | margin | OneStep vs Implicit | FD q | FD b | FD h | solve + OneStep ms | solve + Implicit ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in grad_rows:
+                  f"Stable active set: strict-complementarity margin min_i max(s_i, z_i) >= "
+                  f"{STABLE_MARGIN:g} and `Implicit` accepts the optimality condition. "
+                  f"Over the {len(stable)} stable rows: OneStep vs Implicit <= "
+                  f"{worst['onestep_vs_implicit']:.1e}; Implicit vs central differences "
+                  f"(step {FD_STEP:g}, perturbed solves to {FD_TOL:g}) <= "
+                  f"{max(worst['fd_q'], worst['fd_b'], worst['fd_h'], worst['fd_bounds']):.1e}. Times: warm medians "
+                  "of solve + gradient.", "",
+                  "| problem | n | status | margin | stable | OneStep vs Implicit | FD q | FD b | FD h | FD bounds "
+                  "| solve + OneStep ms | solve + Implicit ms |",
+                  "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(grad_rows, key=lambda r: r["problem"]):
             lines.append(
-                f"| {r['problem']} | {r['n']} | {r['margin']:.1e} | {r['onestep_vs_implicit']:.1e} | "
-                + " | ".join(f"{r.get(f'fd_{k}', math.nan):.1e}" for k in "qbh")
-                + f" | {r['t_onestep'] * 1e3:.3g} | {r['t_implicit'] * 1e3:.3g} |")
+                f"| {r['problem']} | {r['n']} | {r['status']} | {r['margin']:.1e} | "
+                f"{'yes' if r['stable'] else 'no'} | {r.get('onestep_vs_implicit', math.nan):.1e} | "
+                + " | ".join(f"{r.get(f'fd_{k}', math.nan):.1e}" for k in ("q", "b", "h", "bounds"))
+                + f" | {r.get('t_onestep', math.nan) * 1e3:.3g} | {r.get('t_implicit', math.nan) * 1e3:.3g} |")
     if random_rows:
         lines += ["", "## Random QPs (App. B.1): solve + gradient of ‖x(b)‖²/2 in b", "",
                   "| size | method | ms (IQR) | rel. error vs Implicit |", "|---|---|---:|---:|"]
