@@ -1057,9 +1057,12 @@ def _in_default_tier(solver, name, transform):
     one `jit` and `vmap` use), and then either `vmap` or its other AD mode,
     alternating over the families, so that every solver meets every
     transform and every estimator meets every transform. The slow tier runs
-    the whole product. The QP runs only two estimators by default (above):
-    those keep all four transforms."""
-    if solver == "qp" or transform == "jit" or (name, transform) in UNSUPPORTED:
+    the whole product. The QP step is the costliest to compile (~8 s per
+    program): by default it runs only its own estimators, OneStep and
+    Implicit, and those with all four transforms."""
+    if solver == "qp":
+        return name in ("onestep", "implicit_opt")
+    if transform == "jit" or (name, transform) in UNSUPPORTED:
         return True
     first = {"rev": "jacrev", "fwd": "jacfwd"}[ESTIMATORS[name].modes[0]]
     if transform == first:
@@ -1076,19 +1079,11 @@ def _cells():
         bug = _library_bug(solver, name, transform, dtype)
         if bug is not None and (name, transform) not in UNSUPPORTED:
             marks.append(pytest.mark.xfail(strict=True, reason=bug))
-        if solver == "qp" and name not in ("onestep", "implicit_opt"):
-            # The QP step is the costliest to compile (~8 s per program): the
-            # default run keeps the QP's own estimators, OneStep and Implicit;
-            # the other QP cells are in the slow tier.
-            marks.append(pytest.mark.slow)
-        if dtype == "f64" and not _in_default_tier(solver, name, transform):
-            marks.append(pytest.mark.slow)
-        if dtype == "f32":
-            # The default run checks every transform in float64 (258 of
-            # the 352 float64 cells, `_in_default_tier`);
-            # the float32 cells are the slow tier (`pytest -m slow`), to keep
-            # CI under its time budget (float32 is also checked per solver in
-            # its own test file).
+        # The default run checks every transform in float64 (258 of the 352
+        # float64 cells, `_in_default_tier`); the float32 cells are the slow
+        # tier (`pytest -m slow`), to keep CI under its time budget (float32
+        # is also checked per solver in its own test file).
+        if dtype == "f32" or not _in_default_tier(solver, name, transform):
             marks.append(pytest.mark.slow)
         yield pytest.param(
             solver, name, transform, dtype, marks=marks,
@@ -1281,7 +1276,6 @@ def test_default_tier_covers_every_pair_with_every_transform():
         (solver, name, transform)
         for solver, name, transform in itertools.product(SOLVERS, ESTIMATORS, TRANSFORMS)
         if _in_default_tier(solver, name, transform)
-        and (solver == "qp") <= (name in ("onestep", "implicit_opt"))
     ]
     for transform in TRANSFORMS:
         assert {s for s, _, t in default if t == transform} == set(SOLVERS), transform
