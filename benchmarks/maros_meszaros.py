@@ -352,9 +352,10 @@ def result_name(result):
 def derivative_check(raw, info, tol, seed=0):
     """OneStep vs Implicit on vᵀx (all fields), and Implicit vs central
     differences along random directions in q, b (equality rows, moving l and u
-    together) and h (the sides of the inequality rows that are active, i.e.
+    together), h (the sides of the inequality rows that are active, i.e.
     with a nonzero multiplier: an inactive row's derivative is 0 on both
-    sides and compares only rounding). Rows whose solve with an estimator
+    sides and compares only rounding) and the active bounds (lb, ub). Rows
+    whose solve with an estimator
     did not end `successful` record that code instead of a gradient (the
     gradient of a flagged solve is not an answer)."""
     qp, sol = info["qp"], info["sol"]
