@@ -11,14 +11,21 @@ point $\bar z$ and its Jacobian $\bar J = (I - A(\bar z))^{-1} B(\bar z)$:
   stand-ins for the Lipschitz constants $L_J$ of the paper;
 - $\|\bar J\| \ge L_F / (1 + \rho)$, since $B = (I - A)\bar J$;
 - powers: $\|A^K\|$ is bounded by $\pi(K) = \min\big(\rho^K,
-  \|A^j\|^{\lfloor K/j \rfloor} \rho^{K \bmod j},
-  \|A^{16}\|^{\lfloor K/16 \rfloor} \rho^{K \bmod 16}\big)$, $j = \min(K, 32)$,
-  with $\|A^j\|$ estimated by power iteration on $A^j$ (upper-corrected):
-  for a non-normal $A$ (most step maps) $\|A^K\|$ decays like the spectral
-  radius, far below $\rho^K$;
-- the resolvent $R = \min\big(1/(1 - \rho),\ \sum_{r<16} \rho^r / (1 -
-  \|A^{16}\|)\big) \ge \|(I - A)^{-1}\|$, finite whenever $A^{16}$
-  contracts (heavy ball's phase-space map has $\rho > 1$ but a finite $R$);
+  \|A^j\|^{\lfloor K/j \rfloor} \rho^{K \bmod j},\
+  \|A^B\|^{(K - j)/B} \|A^j\|,\ b(K),\
+  \|A^B\|^{\lfloor K/B \rfloor} b(K \bmod B)\big)$, $b(r) = \min(\rho^r,
+  \|A^{16}\|^{\lfloor r/16 \rfloor} \rho^{r \bmod 16})$, with $\|A^j\|$,
+  $\|A^{16}\|$, $\|A^B\|$ estimated by power iteration on the powers
+  (upper-corrected): for a non-normal $A$ (most step maps) $\|A^K\|$ decays
+  like the spectral radius, far below $\rho^K$. $B$ is the first of 16, 64,
+  256, 1024 with $\|A^B\| < 1$; $j = K$ for $K \le \max(2B, 4096)$, else
+  $B + (K \bmod B)$ (the third term applies to that $K$);
+- the resolvent $R = \min\big(1/(1 - \rho),\ \|\sum_{r<B} A^r\| / (1 -
+  \|A^B\|)\big) \ge \|(I - A)^{-1}\|$, since $(I - A)^{-1} = (\sum_{r<B}
+  A^r)(I - A^B)^{-1}$: finite whenever a power of $A$ contracts (heavy
+  ball's phase-space map has $\rho = \|A\| > 1$ and $\|A^r\|$ growing to 6
+  at condition number 300 before it decays, yet a finite $R$, within a few
+  per cent of the true resolvent norm);
 - $d_k = R\, \|F(z_k) - z_k\| \ge \|z_k - \bar z\|$ (Lemma 1).
 
 A Jacobian evaluated at a point $z$ at distance $d$ from $\bar z$ deviates
@@ -29,9 +36,8 @@ of relative error. Then, relative to $\|\bar J\|$:
 - `OneStep`, `Truncated(K)` (Corollary 1 with $\rho^K$; Corollary 3 when
   $\rho \approx 0$):
   $\pi(K) + \big(L_B/\|\bar J\| + L_A (1 + \rho) R\big)\, S$,
-  $S = \sum_{i<K} \pi_i (\|z_{k-1-i} - z_k\| + d_k)$, $\pi_i =
-  \min(\rho^i, \|A^{16}\|^{\lfloor i/16 \rfloor} \rho^{i \bmod 16})
-  \ge \|A^i\|$: the Jacobians of
+  $S = \sum_{i<K} \pi_i (\|z_{k-1-i} - z_k\| + d_k)$, $\pi_i \ge
+  \|A^i\|$ as above: the Jacobians of
   the $i$-th step back, evaluated off the solution, are damped by $i$ later
   contractions. With the Neumann tail of `Truncated("auto")` the Jacobians
   are frozen at $z_k$ ($S = d_k$).
@@ -43,24 +49,26 @@ of relative error. Then, relative to $\|\bar J\|$:
   step's Jacobian error enters once.
 
 A rounding floor $10\sqrt{n}\,\epsilon\, R$ is added. When $R$ is infinite
-(neither $A$ nor $A^{16}$ contracts) the bound is $+\infty$: the theory
+(neither $A$ nor $A^{1024}$ contracts) the bound is $+\infty$: the theory
 does not apply; so it is when an estimate is not finite (a tangent of the
 step overflowed), and for solvers marked `error_estimate_needs_float64`
 (`InteriorPointQP`) with unknowns below float64.
 Cost: about $4 \times 30$ Jacobian-vector products for
-$\rho$, $L_F$, $L_B$, $L_A$, plus $2 \times 10 \times (16 + \min(K, 32))$
-for the two power norms.
+$\rho$, $L_F$, $L_B$, $L_A$, plus $2 \times 10 \times (2 \times 16 +
+j)$ for the power norms when $A^{16}$ contracts ($j = K$: 1 for `OneStep`,
+the steps for `Unroll`, at most 4096); each longer block tried adds
+$2 \times 10 \times 2B$ (`MAX_POWER_BLOCK`).
 
 These are estimates, not certificates: power iteration approaches $L_F$,
 $L_A$, $L_B$ from below (only $\rho$ is corrected upwards), $\rho$ is measured at $z_k$ rather than as a sup over a region, and
 $L_A$, $L_B$ are sampled along one direction.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree, Real
+from jaxtyping import Array, Bool, PyTree, Real
 
 from ._auto import IMPLICIT, Auto
 from ._estimators import AbstractEstimator, OneStep, Truncated, Unroll
@@ -69,12 +77,21 @@ from ._loop import LoopOutput
 from ._neumann import Neumann
 from ._spectral import (
     DEFAULT_POWER_ITERATIONS,
-    DIRECT_POWER_MAX,
     POWER_BLOCK,
     flat_step,
     local_constants,
 )
 from .solvers._base import AbstractSolver
+
+
+class ErrorEstimate(NamedTuple):
+    bound: Real[Array, ""]
+    """The estimated relative error of the derivative ($+\\infty$: none)."""
+    theory_fails: Bool[Array, ""]
+    """The estimator sums powers of $J_z F$ (`OneStep`, `Truncated(K)`,
+    `Neumann`) and no power of it up to `MAX_POWER_BLOCK` contracts, while
+    $\\|J_z F\\| \\ge 1$: its derivative is meaningless there (a repelling
+    fixed point), and `solve` reports `RESULTS.not_contracting`."""
 
 
 def derivative_error_bound(
@@ -83,49 +100,57 @@ def derivative_error_bound(
     out: LoopOutput,
     theta: PyTree[Any],
     iterations: int = DEFAULT_POWER_ITERATIONS,
-) -> Real[Array, ""]:
+) -> ErrorEstimate:
     """The estimated relative error of `estimator`'s derivative of the final
-    unknowns (see the module docstring for the formulas)."""
+    unknowns (see the module docstring for the formulas), and whether the
+    estimator's theory fails at them."""
     f = flat_step(solver, jax.lax.stop_gradient(out.state), jax.lax.stop_gradient(theta))
     if solver.error_estimate_needs_float64 and jnp.finfo(f.x.dtype).bits < 64:
-        return jnp.full((), jnp.inf, f.x.dtype)
+        return ErrorEstimate(jnp.full((), jnp.inf, f.x.dtype), jnp.zeros((), bool))
     q = local_constants(f, iterations, with_L_A=True, power=_power(estimator, out))
-    L_A, power_norms = q.L_A, q.power_norms
-    assert L_A is not None and power_norms is not None
-    norm_p, norm_block = power_norms
+    L_A, norms = q.L_A, q.power_norms
+    assert L_A is not None and norms is not None
     dtype = f.x.dtype
     one = jnp.ones((), dtype)
-    # ||(I - A)^{-1}|| <= sum_i ||A^i|| <= min(1/(1 - rho), S_B/(1 - ||A^B||))
-    # with S_B = sum_{r<B} rho^r: the second is finite for any map whose B-th
-    # power contracts, and much smaller for non-normal A (spectral radius <<
-    # ||A||), e.g. heavy ball's phase-space map, where ||A|| > 1.
-    powers_B = q.rho ** jnp.arange(POWER_BLOCK, dtype=dtype)
+    # ||(I - A)^{-1}|| <= min(1/(1 - rho), ||S_B|| / (1 - ||A^B||)) with
+    # S_B = sum_{r<B} A^r, since (I - A)^{-1} = S_B (I - A^B)^{-1}: the second
+    # is finite for any map some power of which contracts, and much smaller
+    # for non-normal A (spectral radius << ||A||), e.g. heavy ball's
+    # phase-space map, where ||A|| > 1 and ||A^r|| grows before it decays.
     by_norm = jnp.where(q.rho < 1, one / jnp.where(q.rho < 1, one - q.rho, one), jnp.inf)
+    block_contracts = norms.block_norm < 1
     by_block = jnp.where(
-        norm_block < 1,
-        jnp.sum(powers_B) / jnp.where(norm_block < 1, one - norm_block, one),
+        block_contracts,
+        norms.block_sum / jnp.where(block_contracts, one - norms.block_norm, one),
         jnp.inf,
     )
     resolvent = jnp.minimum(by_norm, by_block)
     contracting = jnp.isfinite(resolvent)
     resolvent = jnp.where(contracting, resolvent, one)
+    block = norms.block.astype(dtype)
+
+    def power_bound(i):
+        # ||A^i|| <= min(rho^i, ||A^B0||^(i // B0) rho^(i mod B0)) =: b(i), and
+        # <= ||A^B||^(i // B) b(i mod B) with the block B that contracts.
+        def within_first(r):
+            blocked = norms.first_block ** jnp.floor(r / POWER_BLOCK) * q.rho ** jnp.mod(
+                r, POWER_BLOCK)
+            return jnp.minimum(q.rho**r, blocked)
+
+        by_block = norms.block_norm ** jnp.floor(i / block) * within_first(jnp.mod(i, block))
+        return jnp.minimum(within_first(i), by_block)
 
     def decay(K):
-        # ||A^K|| <= ||A^j||^(K // j) rho^(K mod j), j = min(K, 2B) (the j
-        # the power norm was estimated for), and <= rho^K.
+        # ||A^K|| <= ||A^j||^(K // j) rho^(K mod j) with the j the direct norm
+        # was estimated for, <= ||A^B||^((K - j) / B) ||A^j|| where B divides
+        # K - j (the K the norms were asked for), and <= power_bound(K).
         K = jnp.asarray(K, dtype)
-        j = jnp.clip(K, 1, DIRECT_POWER_MAX)
-        blocked = norm_p ** jnp.floor(K / j) * q.rho ** jnp.mod(K, j)
-        # The same with blocks of B, whose remainder (< B) costs less where
-        # rho > 1 (heavy ball: rho^31 against rho^15).
-        by_B = norm_block ** jnp.floor(K / POWER_BLOCK) * q.rho ** jnp.mod(K, POWER_BLOCK)
-        return jnp.minimum(jnp.minimum(q.rho**K, blocked), by_B)
-
-    def _powers_bound(size):
-        # ||A^i|| <= min(rho^i, ||A^B||^(i // B) rho^(i mod B)), i < size.
-        i = jnp.arange(size, dtype=dtype)
-        blocked = norm_block ** jnp.floor(i / POWER_BLOCK) * q.rho ** jnp.mod(i, POWER_BLOCK)
-        return jnp.minimum(q.rho**i, blocked)
+        j = norms.direct_power.astype(dtype)
+        direct = norms.direct ** jnp.floor(K / j) * q.rho ** jnp.mod(K, j)
+        aligned = (K >= j) & (jnp.mod(K - j, block) == 0)
+        by_blocks = jnp.where(
+            aligned, norms.direct * norms.block_norm ** jnp.floor((K - j) / block), jnp.inf)
+        return jnp.minimum(jnp.minimum(direct, by_blocks), power_bound(K))
 
     J_lower = q.L_F / (1 + q.rho)
     safe_J = jnp.where(J_lower > 0, J_lower, one)
@@ -145,7 +170,7 @@ def derivative_error_bound(
             weighted = distance
         else:
             gaps = out.replay_gaps.astype(dtype)
-            powers = _powers_bound(gaps.size)
+            powers = power_bound(jnp.arange(gaps.size, dtype=dtype))
             weighted = jnp.sum(jnp.where(gaps > 0, powers * (gaps + distance), 0.0))
             weighted = jnp.maximum(weighted, distance)
         per_distance = q.L_B / safe_J + L_A * (1 + q.rho) * resolvent
@@ -157,8 +182,11 @@ def derivative_error_bound(
             bound = bound + decay(linear_solver.k)
         return bound
 
+    sums_powers = isinstance(estimator, Implicit | Auto) and isinstance(
+        estimator.linear_solver, Neumann)
     if isinstance(estimator, OneStep | Truncated):
         bound = truncated_bound()
+        sums_powers = True
     elif isinstance(estimator, Implicit):
         bound = implicit_bound(estimator.linear_solver)
     elif isinstance(estimator, Auto):
@@ -168,6 +196,7 @@ def derivative_error_bound(
         bound = jnp.where(
             chose_implicit, implicit_bound(estimator.linear_solver), truncated_bound()
         )
+        sums_powers = sums_powers | ~chose_implicit
     elif isinstance(estimator, Unroll):
         k = jnp.asarray(out.steps, dtype)
         bound = decay(k) + k * sensitivity * distance
@@ -179,7 +208,11 @@ def derivative_error_bound(
     bound = bound + floor
     # NaN: an estimate could not be formed (a tangent overflowed, e.g. a
     # float32 interior-point step near its boundary): no bound, +inf.
-    return jnp.where(contracting & (J_lower > 0) & ~jnp.isnan(bound), bound, jnp.inf)
+    bound = jnp.where(contracting & (J_lower > 0) & ~jnp.isnan(bound), bound, jnp.inf)
+    # Not contracting: ||A|| >= 1 and ||A^B|| >= 1 for every block tried (an
+    # overflowed power, NaN, grew past 1e150: not contracting either).
+    repelling = (q.rho >= 1) & ~(norms.block_norm < 1)
+    return ErrorEstimate(bound, jnp.asarray(sums_powers) & repelling)
 
 
 def _power(estimator: AbstractEstimator, out: LoopOutput) -> Any:

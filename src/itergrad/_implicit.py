@@ -78,7 +78,8 @@ class Implicit(AbstractEstimator):
         The estimate is that of the fixed point: away from convergence its error
         is $O(\\|x_k - \\bar x\\|)$ (eq. 6). Non-invertible $J_z G$ (a degenerate
         solution) makes the solve fail: an error is raised, never a zero
-        gradient. With a direct `linear_solver` (the default) the system is
+        gradient. (A constrained solution without strict complementarity is
+        a kink, not a singular system: see `InteriorPointQP`'s warning.) With a direct `linear_solver` (the default) the system is
         probed once per derivative: one solve with a fixed generic
         right-hand side, reusing the factorisation, and two products; it
         refuses a non-finite answer, a large backward error or an estimated

@@ -183,7 +183,10 @@ def solve(
       $4 \\times 30$ Jacobian-vector products at the final unknowns; works
       under `jit` and `vmap`). An estimate from the paper's bounds with
       sampled constants, not a certificate: see `itergrad._error_bound`;
-      $+\\infty$ where the step map is not a contraction.
+      $+\\infty$ where the step map is not a contraction. There, for an
+      estimator that sums powers of $J_z F$ (`OneStep`, `Truncated(K)`,
+      `Neumann`), the result is `RESULTS.not_contracting` (a repelling
+      fixed point, e.g. an iteration started at it).
 
     **Returns:** a `Solution`.
     """
@@ -212,6 +215,12 @@ def solve(
     )
     state, out = estimator.run(solver, state0, theta, settings)
     result = out.result
+    estimate = None
+    if error_estimate:
+        estimate = derivative_error_bound(estimator, solver, out, theta)
+        result = RESULTS.where(
+            (result == RESULTS.successful) & estimate.theory_fails,
+            RESULTS.not_contracting, result)
     if throw and not result.is_traced():
         # An eager call (no jit, vmap or grad around it): raise here, from this
         # call's own frame. Equinox's `error_if` would go through its cached
@@ -235,10 +244,8 @@ def solve(
         state=state,
         stats=_stats(max_steps, out),
     )
-    if error_estimate:
-        solution.stats["derivative_error_bound"] = derivative_error_bound(
-            estimator, solver, out, theta
-        )
+    if estimate is not None:
+        solution.stats["derivative_error_bound"] = estimate.bound
     return solution
 
 

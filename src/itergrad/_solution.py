@@ -70,7 +70,8 @@ class RESULTS(eqx.Enumeration):
     )
     not_contracting = (
         "not_contracting: The step map is not a contraction at the solution: its estimated "
-        "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`). One-step, "
+        "contraction factor ||J_z F|| is >= 1 (`sol.stats['contraction']`; with "
+        "`error_estimate=True`: no power of J_z F up to the 1024th contracts). One-step, "
         "truncated and Neumann derivatives do not converge there. Use "
         "`Implicit()` (valid when I - J_z F is invertible), or check the solver "
         "(step size, momentum)."

@@ -56,7 +56,7 @@ _STALL = 5
 class _Aux(eqx.Module):
     """Auxiliary state: the infeasibility code of the last step, the Ruiz
     scaling computed once by `init` (columns `d`, rows `e`, cost `c`), and the
-    absolute KKT errors (`kkt_error`) of the iterate entering the last step
+    KKT errors (`kkt_error` over `error_unit`) of the iterate entering the last step
     and of the one it produced, which the step computes anyway from the
     residuals it needs (so `residual_norm` recomputes neither)."""
 
@@ -64,6 +64,9 @@ class _Aux(eqx.Module):
     d: Float[Array, " n"]
     e: Float[Array, " r"]
     c: Float[Array, ""]
+    # min(1, the largest datum): the unit of the stopping measure (class
+    # docstring, "Stopping"), so that data scaled down stop at the same point.
+    error_unit: Float[Array, ""]
     previous_error: Float[Array, ""]
     error: Float[Array, ""]
     # Consecutive steps without progress near the rounding floor (`_STALL`):
@@ -572,7 +575,12 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     product alone would stop with an error of $\\sqrt{\\mathrm{tol}}$ in
     $x$; negligible at a strictly complementary pair); of both $w_{k-1}$ and $w_k$, so that the
     differentiated last step starts at the solution and `ig.OneStep()` matches
-    `ig.Implicit()` (Corollary 3). `itergrad.solve` stops when it is at most
+    `ig.Implicit()` (Corollary 3). It is measured in the unit
+    $\\min(1, m)$, $m$ the largest datum in absolute value: absolute for
+    data of size 1 or more (the benchmarks' measure), and relative for
+    smaller data, so that a QP whose data are all scaled by $10^{-8}$ stops
+    where the original does (every KKT term scales with the data; $x$ and
+    the multipliers do not). `itergrad.solve` stops when it is at most
     `atol + rtol * ||x||`. When the KKT error, already below
     $\\sqrt{\\epsilon}$, fails to come 10% below the smallest so far in 5
     consecutive steps
@@ -615,9 +623,27 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
     !!! warning
 
         For a differentiable solution, the solution must be unique with
-        linearly independent active constraints and strict complementarity;
-        otherwise `Implicit` reports a failed linear solve, and `OneStep`
-        returns the derivative of a step that is not a valid Jacobian.
+        linearly independent active constraints and strict complementarity.
+
+        - *Dependent active constraints* (a degenerate vertex, redundant
+          rows): the KKT Jacobian is singular, `Implicit` reports
+          `RESULTS.linear_solve_failed`, and `OneStep` returns the
+          derivative of a step that is not a valid Jacobian.
+        - *No strict complementarity* (a constraint active with a zero
+          multiplier, e.g. projecting 0 onto $[0, 1]$): the solution map has a
+          kink, its one-sided derivatives differ. The solve ends with that
+          pair's slack and dual both of the order of the tolerance (the
+          stopping rule's weak-activity measure keeps $x$ accurate), where
+          the KKT Jacobian is invertible: `Implicit` and `OneStep` return the
+          derivative at that interior point. For one such constraint it is a
+          convex combination of the two one-sided derivatives, weighted by
+          $z_i / s_i$ (their mean on the projection above, where
+          $s_i = z_i$): one element of the Clarke generalised Jacobian, as
+          `jax.nn.relu`'s derivative at 0 is one element of its
+          subdifferential, not an error. `error_estimate=True` shows it:
+          about 2e-2 there, against 5e-15 with the constraint strictly
+          active or inactive. To test for it, $\\min_i \\max(s_i, z_i)$
+          over the pairs of `sol.state.z` is of the order of the tolerance.
     """
 
     eta_min: float = 0.99
@@ -818,12 +844,13 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
                 "bounds change the (1,1) block at every step. Use 'auto' or 'primal'."
             )
         cf = _canonical(qp)
-        d, e, c = _ruiz(cf.P.dense(), cf.K.dense(dt), cf.q)
+        unit = _error_unit(cf)
+        d, e, c = _ruiz(cf.P.dense(), cf.K.dense(dt), cf.q, floor=1e-8 * unit)
         inf = jnp.asarray(jnp.inf, dt)
         p_factor_inv, row_gram = self._dual_path(cf, d, c, nb)
         aux = _Aux(
             RESULTS.where(_convex(cf, d, e, c), RESULTS.successful, RESULTS.nonconvex),
-            d, e, c, inf, inf, jnp.zeros((), jnp.int32), inf, p_factor_inv, row_gram,
+            d, e, c, unit, inf, inf, jnp.zeros((), jnp.int32), inf, p_factor_inv, row_gram,
         )
 
         def placeholder(size):
@@ -1039,7 +1066,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         result = RESULTS.where(ok, certificate, aux.result)
         # Bookkeeping for `residual_norm`, not part of the differentiated map.
         errors = jax.lax.stop_gradient(
-            (_kkt_error(res, w, cf), _kkt_error(new_res, new, cf))
+            (_kkt_error(res, w, cf) / aux.error_unit, _kkt_error(new_res, new, cf) / aux.error_unit)
         )
         # At the rounding floor of the data's precision the KKT error stops
         # decreasing above a tolerance it cannot reach (float32, a few hundred
@@ -1057,7 +1084,7 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
         result = RESULTS.where(
             (result == RESULTS.successful) & (stalls >= _STALL), RESULTS.stalled, result
         )
-        return new, _Aux(result, aux.d, aux.e, aux.c, *errors, stalls, best_error,
+        return new, _Aux(result, aux.d, aux.e, aux.c, aux.error_unit, *errors, stalls, best_error,
                          aux.p_factor_inv, aux.row_gram)
 
     def _certificate(
@@ -1164,8 +1191,28 @@ class InteriorPointQP(AbstractSolver[_PrimalDual, _Aux]):
 
 
 def kkt_error(w: _PrimalDual, qp: QP) -> Scalar:
-    """The absolute KKT error of $w$ on `qp` (the stopping measure)."""
+    """The absolute KKT error of $w$ on `qp` (the stopping measure, before
+    it is divided by the error unit $\\min(1, m)$; see "Stopping")."""
     return _kkt_error(kkt_residual(w, qp), w, _canonical(qp))
+
+
+def _error_unit(cf: _Canonical) -> Scalar:
+    """$\\min(1, m)$, $m$ the largest datum in absolute value ($P$, $q$, the
+    rows, their finite sides and the finite bounds). Every term of the KKT
+    error scales like the data when all of them are scaled together (x and
+    the multipliers do not change), so the error divided by this unit stops a
+    QP scaled by 1e-8 where it stops the original; data of size 1 or more are
+    measured in absolute terms, as the QP benchmarks do."""
+
+    def finite_max(v):
+        return _amax(jnp.where(jnp.isfinite(v), v, 0.0))
+
+    largest = jnp.max(jnp.stack([
+        _amax(cf.P.Q), _amax(cf.q), _amax(cf.K.dense(cf.q.dtype)),
+        finite_max(cf.L), finite_max(cf.U), finite_max(cf.bL), finite_max(cf.bU),
+    ]))
+    # All-zero data (or NaN, which the solve reports as non-finite): unit 1.
+    return jnp.where(largest > 0, jnp.minimum(largest, 1.0), 1.0)
 
 
 def _kkt_error(r: _KKTResidual, w: _PrimalDual, cf: _Canonical) -> Scalar:
@@ -1216,16 +1263,21 @@ def _convex(cf: _Canonical, d: Array, e: Array, c: Array) -> Array:
     return jnp.all(jnp.isfinite(L)) | ~jnp.all(jnp.isfinite(M))
 
 
-def _ruiz(P: Array, K: Array, q: Array, iterations: int = 15) -> tuple[Array, Array, Array]:
+def _ruiz(
+    P: Array, K: Array, q: Array, iterations: int = 15, floor: Array | float = 1e-8
+) -> tuple[Array, Array, Array]:
     """Ruiz equilibration of $\\begin{pmatrix} P & K^\\top \\\\ K & 0\\end{pmatrix}$:
     column scaling `d`, row scaling `e` (∞-norms of the scaled matrix ≈ 1), and a
-    cost scaling `c` (OSQP's rule)."""
+    cost scaling `c` (OSQP's rule). Rows and columns whose norm is at most
+    `floor` count as empty (`init` passes $10^{-8}$ times the error unit:
+    absolute for data of size 1 or more, relative for smaller data, which
+    an absolute floor would leave unscaled)."""
     n, r = P.shape[0], K.shape[0]
     d = jnp.ones((n,), P.dtype)
     e = jnp.ones((r,), P.dtype)
 
     def safe(v):
-        return jnp.where(v > 1e-8, v, 1.0)
+        return jnp.where(v > floor, v, 1.0)
 
     def sweep(_, de):
         d, e = de
