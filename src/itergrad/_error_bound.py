@@ -138,8 +138,9 @@ def derivative_error_bound(
                 r, POWER_BLOCK)
             return jnp.minimum(q.rho**r, blocked)
 
-        by_block = norms.block_norm ** jnp.floor(i / block) * within_first(jnp.mod(i, block))
-        return jnp.minimum(within_first(i), by_block)
+        by_long_block = norms.block_norm ** jnp.floor(i / block) * within_first(
+            jnp.mod(i, block))
+        return jnp.minimum(within_first(i), by_long_block)
 
     def decay(K):
         # ||A^K|| <= ||A^j||^(K // j) rho^(K mod j) with the j the direct norm

@@ -143,7 +143,7 @@ def linear_operator_norm_upper(
 
 POWER_BLOCK = 16
 """The first block length $B$ whose power $\\|A^B\\|$ is estimated directly
-(`block_norms`): longer products are bounded by
+(`estimate_power_norms`): longer products are bounded by
 $\\|A^B\\|^{\\lfloor K/B \\rfloor} \\|A\\|^{K \\bmod B}$."""
 
 DIRECT_POWER_MAX = 4096
@@ -155,22 +155,36 @@ $j = B + (p \\bmod B)$, which loses the transient growth of every block
 (measured: 1e-5 against 3e-12 for heavy ball at condition number 3000)."""
 
 MAX_POWER_BLOCK = 1024
-"""The longest block `block_norms` tries before it gives up: a map whose
+"""The longest block `estimate_power_norms` tries before it gives up: a map whose
 1024-th power does not contract gets no bound (for heavy ball on a quadratic,
 $\\|A^B\\| < 1$ needs $B \\approx$ 64 at condition number 300 and 256 at
 3000)."""
 
-def _repeat(matvec: Callable[[Array], Array], power: Int[Array, ""] | int):
-    """$v \\mapsto (J^p v, \\sum_{r<p} J^r v)$ with $p$ = `power` (may be traced)."""
 
-    def apply(v):
-        def body(_, carry):
-            w, total = carry
-            return matvec(w), total + w
+def _repeated_norm_upper(
+    matvec: Callable[[Array], Array],
+    v0: Float[Array, " d"],
+    power: Int[Array, ""] | int,
+    iterations: int,
+    summed: bool,
+) -> Real[Array, ""]:
+    """$\\|M\\|_{op}$ (`_upper_power_iteration`) for $M = J^p$, or
+    $M = \\sum_{r<p} J^r$ when `summed`, $p$ = `power` (may be traced):
+    p JVPs and p VJPs per iteration either way."""
 
-        return jax.lax.fori_loop(0, power, body, (v, jnp.zeros_like(v)))
+    def repeat(apply):
+        def run(v):
+            if not summed:
+                return jax.lax.fori_loop(0, power, lambda _, w: apply(w), v)
+            _, total = jax.lax.fori_loop(
+                0, power, lambda _, c: (apply(c[0]), c[1] + c[0]), (v, jnp.zeros_like(v)))
+            return total
 
-    return apply
+        return run
+
+    return _upper_power_iteration(
+        repeat(matvec), repeat(_transpose_or_nan(matvec, v0)), v0, iterations
+    )
 
 
 def power_norm_upper(
@@ -186,10 +200,7 @@ def power_norm_upper(
     For a non-normal $J$ (most step maps) $\\|J^p\\|$ can be far below
     $\\|J\\|^p$: it decays like the spectral radius, which is what the
     iteration and the truncated sums actually see."""
-    forward, backward = _repeat(matvec, power), _repeat(_transpose_or_nan(matvec, v0), power)
-    return _upper_power_iteration(
-        lambda v: forward(v)[0], lambda w: backward(w)[0], v0, iterations
-    )
+    return _repeated_norm_upper(matvec, v0, power, iterations, summed=False)
 
 
 def power_sum_norm_upper(
@@ -207,10 +218,7 @@ def power_sum_norm_upper(
     $\\|J^p\\| < 1$: within a factor $(1 + \\|J^p\\|)/(1 - \\|J^p\\|)$ of the
     truth, where $\\sum_{r<p} \\|J^r\\|$ can be orders of magnitude larger
     (heavy ball: $\\|J^r\\|$ grows to 6 before it decays)."""
-    forward, backward = _repeat(matvec, power), _repeat(_transpose_or_nan(matvec, v0), power)
-    return _upper_power_iteration(
-        lambda v: forward(v)[1], lambda w: backward(w)[1], v0, iterations
-    )
+    return _repeated_norm_upper(matvec, v0, power, iterations, summed=True)
 
 
 class PowerNorms(eqx.Module):

@@ -1209,7 +1209,7 @@ def _error_unit(cf: _Canonical) -> Scalar:
         return _amax(jnp.where(jnp.isfinite(v), v, 0.0))
 
     largest = jnp.max(jnp.stack([
-        _amax(cf.P.Q), _amax(cf.q), _amax(cf.K.dense(cf.q.dtype)),
+        _amax(cf.P.Q), _amax(cf.q), *(_amax(B) for B in cf.K.blocks),  # no dense copy of K
         finite_max(cf.L), finite_max(cf.U), finite_max(cf.bL), finite_max(cf.bU),
     ]))
     # All-zero data (or NaN, which the solve reports as non-finite): unit 1.
